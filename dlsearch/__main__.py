@@ -1,0 +1,3 @@
+from dlsearch.cli import main
+
+main(prog_name="dlsearch")

@@ -1,0 +1,390 @@
+"""The `dlsearch` command line: parse, call one library function, print.
+
+Exit codes (SPEC): 0 done; 2 the input is wrong; 1 the run could not go on;
+130 interrupted after state was saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+
+from dlsearch import __version__
+
+EXIT_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class RunFailed(Exception):
+    """The run could not go on (exit 1): every trial failed, or a service is unreachable."""
+
+
+def _set_option(f: Callable) -> Callable:
+    return click.option(
+        "--set", "overrides", multiple=True, metavar="PATH=VALUE",
+        help="Override a study key by its dotted path, e.g. --set train.epochs=3 "
+        "(VALUE is read as YAML; setting a searched key pins it). Repeatable.",
+    )(f)
+
+
+def _debug_option(f: Callable) -> Callable:
+    return click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")(f)
+
+
+def _handles_errors(f: Callable) -> Callable:
+    """Turn known failures into one line each and SPEC's exit codes; tracebacks only with --debug."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        from dlsearch.data import DataError
+        from dlsearch.spec import SpecError
+
+        try:
+            return f(*args, **kwargs)
+        except SpecError as err:
+            if debug:
+                raise
+            for line in err.problems:
+                err_console.print(line, markup=False)
+            sys.exit(EXIT_INPUT)
+        except DataError as err:
+            if debug:
+                raise
+            err_console.print(f"data: {err}", markup=False)
+            sys.exit(EXIT_INPUT)
+        except RunFailed as err:
+            if debug:
+                raise
+            err_console.print(str(err), markup=False)
+            sys.exit(EXIT_FAILED)
+        except KeyboardInterrupt:
+            err_console.print("interrupted", markup=False)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="dlsearch")
+def main() -> None:
+    """dlsearch: hyperparameter search for PyTorch on Ray Tune, Optuna and MLflow.
+
+    Write a study file (a search space over learning rate, batch size, depth,
+    init, ...), then `dlsearch validate` it, `dlsearch sanity` it, and
+    `dlsearch run` it. See studies/ for annotated examples.
+    """
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False))
+@_set_option
+@_debug_option
+@_handles_errors
+def validate(study: str, overrides: tuple[str, ...]) -> None:
+    """Check STUDY and print every problem at once (one line each, exit 2), or `ok` and a summary."""
+    from dlsearch.data import check_data_available
+    from dlsearch.spec import SpecError, load_spec
+
+    spec = load_spec(study, overrides)
+    problems = check_data_available(spec.data)
+    if problems:
+        raise SpecError(problems)
+    click.echo(f"ok: {describe(spec)}")
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (progress goes to stderr).")
+@_debug_option
+@_handles_errors
+def train(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Run one trial in-process with the study's fixed values: no search, no Ray, no tracking.
+
+    For debugging and for measuring the training loop. Prints a row per epoch,
+    then the best epoch and the test metrics of its weights; --json gives
+    state, epochs_run, best_epoch, best_metrics, test_accuracy, test_loss and
+    the median epoch_time_s.
+    """
+    from dlsearch.config import trial_config
+    from dlsearch.data import load_data
+    from dlsearch.spec import load_spec
+    from dlsearch.train import train_trial
+    from dlsearch.ui import EpochTable
+
+    spec = load_spec(study, overrides)
+    cfg = trial_config(spec, {}, number=0)
+    data = load_data(cfg.data, cfg.data_seed)
+    console = err_console if as_json else Console(highlight=False, soft_wrap=True)
+    with EpochTable(console, title=f"{spec.name}: one trial, {cfg.train.epochs} epochs max") as table:
+        result = train_trial(cfg, data, table.add)
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        console.print(describe_result(summary), markup=False)
+    if result.state == "FAIL":
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--samples", default=64, show_default=True, help="Size of the tiny subset to overfit.")
+@click.option("--steps", default=200, show_default=True, help="Full-batch optimizer steps on it.")
+@_debug_option
+@_handles_errors
+def sanity(study: str, overrides: tuple[str, ...], samples: int, steps: int) -> None:
+    """Can this model learn at all? Run the debugging playbook's first checks on STUDY's fixed values.
+
+    Loss at init near ln(classes), gradients in every layer, overfitting a tiny
+    subset with regularization off, and a finite loss. Prints each check with
+    the number behind it and the loss curve; exit 1 if any check fails.
+    """
+    from dlsearch.config import trial_config
+    from dlsearch.data import load_data
+    from dlsearch.sanity import run_sanity
+    from dlsearch.spec import load_spec
+    from dlsearch.ui import sparkline
+
+    spec = load_spec(study, overrides)
+    cfg = trial_config(spec, {}, number=0)
+    result = run_sanity(cfg, load_data(cfg.data, cfg.data_seed), n_samples=samples, n_steps=steps)
+    console = Console(highlight=False, soft_wrap=True)
+    for check in result.checks:
+        mark = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
+        console.print(f"{mark} {check.name}: ", end="")
+        console.print(check.detail, markup=False)
+    console.print(f"loss curve ({len(result.losses)} steps): ", end="")
+    console.print(sparkline(result.losses), markup=False)
+    console.print("[green]sanity passed[/]" if result.passed else "[red]sanity failed[/]")
+    if not result.passed:
+        sys.exit(EXIT_FAILED)
+
+
+def describe(spec: Any) -> str:
+    """A one-paragraph summary of a resolved study (what `validate` prints)."""
+    n_cond = sum(1 for d in spec.search.values() if d.when)
+    m = spec.model
+    model = f"{m.kind} depth {m.depth} width {m.width}" if m.kind != "custom" else f"custom {m.factory}"
+    objectives = ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives)
+    pins = f"; pinned by --set: {', '.join(o.split('=')[0] for o in spec.overrides)}" if spec.overrides else ""
+    return (
+        f"{spec.name}: dataset {spec.data.dataset}, model {model}, "
+        f"{len(spec.search)} search dimensions ({n_cond} conditional), "
+        f"sampler {spec.sampler.type}, pruner {spec.pruner.type}, "
+        f"{spec.budget.trials} trials x <= {spec.train.epochs} epochs, objective {objectives}{pins}"
+    )
+
+
+def describe_result(summary: dict[str, Any]) -> str:
+    if summary["state"] == "FAIL":
+        return f"FAIL after {summary['epochs_run']} epochs: {summary['fail_reason']}"
+    best = summary["best_metrics"]
+    return (
+        f"COMPLETE: {summary['epochs_run']} epochs, best epoch {summary['best_epoch']} "
+        f"(val_accuracy {best.get('val_accuracy', float('nan')):.4f}, val_loss {best.get('val_loss', float('nan')):.4f}); "
+        f"test_accuracy {summary['test_accuracy']:.4f}, test_loss {summary['test_loss']:.4f}; "
+        f"median epoch {summary['epoch_time_s']:.2f} s"
+    )
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--trials", type=click.IntRange(min=1), help="Total trials to finish (overrides budget.trials; "
+              "on a rerun, raising it extends the study).")
+@click.option("--address", help="Ray cluster to run on (auto | host:port | ray://host:10001); "
+              "default: resources.address, else a local Ray on 127.0.0.1.")
+@click.option("--fresh", is_flag=True, help="Start over under a new version of the study (name-v2, ...) "
+              "instead of continuing the stored one.")
+@_debug_option
+@_handles_errors
+def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str | None, fresh: bool) -> None:
+    """Run STUDY on Ray Tune with Optuna sampling and pruning, tracking every trial in MLflow.
+
+    If the study's Optuna storage already holds it, the run continues it to its
+    budget: finished trials are kept, interrupted ones run again. Shows live
+    progress and ends with the best trial and the command that opens the UI.
+    Exit 0 when done (some failed trials included), 1 if every trial failed,
+    2 for bad input, 130 when stopped by Ctrl-C or SIGTERM after saving state.
+    """
+    from dlsearch.data import check_data_available
+    from dlsearch.runner import Interrupted, run_study
+    from dlsearch.spec import SpecError, load_spec
+    from dlsearch.ui import StudyProgress
+
+    spec = load_spec(study, overrides)
+    problems = check_data_available(spec.data)
+    if problems:
+        raise SpecError(problems)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"study {describe(spec)}", markup=False)
+    try:
+        summary = run_study(spec, trials=trials, address=address, fresh=fresh,
+                            on_event=StudyProgress(console, spec.objectives[0].metric))
+    except Interrupted as err:
+        err_console.print(f"{err}; rerun the same command to continue", markup=False)
+        sys.exit(EXIT_INTERRUPTED)
+    n = summary.n_complete + summary.n_pruned + summary.n_failed
+    console.print(
+        f"\n{summary.name}: {n} trials finished ({summary.n_complete} complete, {summary.n_pruned} pruned, "
+        f"{summary.n_failed} failed) in {summary.elapsed_s:.0f} s, {summary.epochs_run} epochs trained",
+        markup=False,
+    )
+    if summary.best_number is None:
+        reasons = "; ".join(f"{r} (x{c})" for r, c in summary.fail_reasons.items())
+        raise RunFailed(f"every trial failed: {reasons}")
+    test = f", test_accuracy {summary.best_test_accuracy:.4f}" if summary.best_test_accuracy is not None else ""
+    console.print(f"best: trial {summary.best_number}, {spec.objectives[0].metric} {summary.best_value:.4f}{test}",
+                  markup=False)
+    for key, value in summary.best_params.items():
+        console.print(f"  {key} = {value}", markup=False)
+    console.print(f"compare the trials:  dlsearch ui {study}", markup=False)
+    console.print(f"leaderboard:         dlsearch report {study}", markup=False)
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Show only the N best trials.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True, help="Leaderboard format.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@_debug_option
+@_handles_errors
+def report(study: str, overrides: tuple[str, ...], top: int | None, fmt: str, as_json: bool) -> None:
+    """Leaderboard of STUDY's trials (state, value, epochs run, params), parameter importances,
+    and where the study's plots are."""
+    from dlsearch.leaderboard import importances, leaderboard, load_study
+    from dlsearch.spec import load_spec
+
+    spec = load_spec(study, overrides)
+    optuna_study = _load_or_fail(load_study, spec)
+    table = leaderboard(optuna_study)
+    if top:
+        table = table.head(top)
+    imps = importances(optuna_study)
+    plots = _plot_paths(spec, optuna_study)
+    if as_json or fmt == "json":
+        click.echo(json.dumps({"study": optuna_study.study_name, "trials": json.loads(table.to_json(orient="records")),
+                               "importances": imps, "plots": plots}, indent=2))
+        return
+    if fmt == "csv":
+        click.echo(table.to_csv(index=False), nl=False)
+        return
+    if fmt == "markdown":
+        click.echo(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
+    else:
+        _print_table(table, f"{optuna_study.study_name}: {len(optuna_study.trials)} trials")
+    if imps:
+        click.echo("\nparameter importances (fANOVA):")
+        for key, value in imps.items():
+            click.echo(f"  {key:<28} {value:6.3f} {'#' * int(round(value * 40))}")
+    if plots:
+        click.echo("\nplots:")
+        for path in plots:
+            click.echo(f"  {path}")
+
+
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--json", "as_json", is_flag=True, help="Print trial, value, params and the full config as JSON.")
+@_debug_option
+@_handles_errors
+def best(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """The best trial's full configuration, as YAML that a study file or --set can take."""
+    import yaml
+
+    from dlsearch.leaderboard import best_config, load_study
+    from dlsearch.spec import load_spec
+
+    spec = load_spec(study, overrides)
+    optuna_study = _load_or_fail(load_study, spec)
+    try:
+        found = best_config(spec, optuna_study)
+    except ValueError:
+        raise RunFailed(f"{optuna_study.study_name} has no complete trial yet") from None
+    if as_json:
+        click.echo(json.dumps(found, indent=2, default=str))
+        return
+    click.echo(f"# best trial {found['trial']} of {optuna_study.study_name}: "
+               f"{found['objective']} = {found['value']:.4f}"
+               + (f", test_accuracy = {found['test_accuracy']:.4f}" if found["test_accuracy"] is not None else ""))
+    click.echo(f"# MLflow run {found['mlflow_run_id']}; searched: "
+               + ", ".join(f"{k}={v}" for k, v in found["params"].items()))
+    click.echo(yaml.safe_dump(found["config"], sort_keys=False), nl=False)
+
+
+@main.command()
+@click.argument("study", required=False, type=click.Path(dir_okay=False))
+@click.option("--port", default=5000, show_default=True, help="Port of the MLflow UI.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; the default keeps the UI on this machine (loopback).")
+@click.option("--uri", default=None, help="Tracking URI (default: STUDY's tracking.uri, else sqlite:///mlruns/mlflow.db).")
+@_debug_option
+@_handles_errors
+def ui(study: str | None, port: int, host: str, uri: str | None) -> None:
+    """Start the MLflow UI on STUDY's tracking store: parent run per study, child run per trial."""
+    import subprocess
+
+    from dlsearch.spec import TrackingSpec, load_spec
+    from dlsearch.tracker import tracking_uri
+
+    tracking = load_spec(study).tracking if study else TrackingSpec()
+    backend = tracking_uri(uri or tracking.uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend, "--host", host, "--port", str(port)]
+    click.echo(f"MLflow UI on http://{host}:{port} (store {backend}); Ctrl-C stops it", err=True)
+    raise SystemExit(subprocess.call(cmd))
+
+
+def _load_or_fail(load: Callable, spec: Any) -> Any:
+    try:
+        return load(spec)
+    except KeyError as err:
+        raise RunFailed(str(err.args[0])) from None
+
+
+def _plot_paths(spec: Any, optuna_study: Any) -> list[str]:
+    """Local paths of the plots logged on the study's parent run."""
+    from pathlib import Path
+
+    from dlsearch.leaderboard import PLOTS
+    from dlsearch.tracker import MlflowTracker
+
+    tracker = MlflowTracker(spec, optuna_study.study_name)
+    run = tracker.find_parent()
+    if run is None or not run.info.artifact_uri.startswith("file:"):
+        return []
+    from urllib.parse import unquote, urlparse
+
+    folder = Path(unquote(urlparse(run.info.artifact_uri).path))
+    return [str(folder / name) for name in PLOTS if (folder / name).exists()]
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _print_table(table: Any, title: str) -> None:
+    from rich.table import Table
+
+    out = Table(title=title, title_justify="left")
+    for column in table.columns:
+        out.add_column(str(column).removeprefix("params."), justify="right" if column != "state" else "left")
+    for row in table.itertuples(index=False):
+        out.add_row(*("" if v is None or v != v else f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    Console(highlight=False, soft_wrap=True).print(out)

@@ -1,0 +1,101 @@
+"""One trial's resolved configuration: the study's fixed values with the sampled ones merged in.
+
+A `TrialConfig` is all a training function needs; it knows nothing of Optuna,
+Ray or MLflow. Its flat form (`flat()`) gives the MLflow params, under the same
+dotted paths the study file, `--set` and error messages use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+from pydantic import BaseModel
+
+from dlsearch.spec import DataSpec, ModelSpec, ObjectiveSpec, StudySpec, TrainSpec
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial runs with. `params` holds only the values the search sampled."""
+
+    study: str
+    number: int
+    seed: int  # this trial's seed (init, shuffling, dropout)
+    data_seed: int  # the study's seed: every trial sees the same train/val split
+    data: DataSpec
+    model: ModelSpec
+    train: TrainSpec
+    objectives: tuple[ObjectiveSpec, ...]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    trainable: str | None = None
+    base_dir: str | None = None  # the study file's folder, for resolving user code
+
+    @property
+    def objective(self) -> ObjectiveSpec:
+        """The (first) objective: what early stopping and pruning watch."""
+        return self.objectives[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict: what a custom trainable receives and what is logged as config.yaml."""
+        return {
+            "study": self.study,
+            "number": self.number,
+            "seed": self.seed,
+            "data_seed": self.data_seed,
+            "data": _dump(self.data),
+            "model": _dump(self.model),
+            "train": _dump(self.train),
+            "objective": [o.model_dump() for o in self.objectives],
+            "params": dict(self.params),
+            "trainable": self.trainable,
+        }
+
+    def flat(self) -> dict[str, Any]:
+        """The full configuration as `{dotted.path: value}` (the MLflow params)."""
+        out: dict[str, Any] = {"seed": self.seed}
+        for section in ("data", "model", "train"):
+            _flatten(_dump(getattr(self, section)), section, out)
+        return out
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    """A well-mixed 31-bit seed from the study seed and the trial number."""
+    return int(np.random.SeedSequence([study_seed, number]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def trial_config(spec: StudySpec, params: Mapping[str, Any], number: int = 0) -> TrialConfig:
+    """Merge sampled `params` ({dotted path: value}) into the study's fixed values."""
+    sections = {name: _dump(getattr(spec, name)) for name in ("data", "model", "train")}
+    for path, value in params.items():
+        section, *inner = path.split(".")
+        node = sections[section]
+        for part in inner[:-1]:
+            node = node.setdefault(part, {})
+        node[inner[-1]] = value
+    return TrialConfig(
+        study=spec.name,
+        number=number,
+        seed=trial_seed(spec.seed, number),
+        data_seed=spec.seed,
+        data=DataSpec.model_validate(sections["data"]),
+        model=ModelSpec.model_validate(sections["model"]),
+        train=TrainSpec.model_validate(sections["train"]),
+        objectives=spec.objectives,
+        params=dict(params),
+        trainable=spec.trainable,
+        base_dir=str(spec.path.parent) if spec.path else None,
+    )
+
+
+def _dump(section: BaseModel) -> dict[str, Any]:
+    return section.model_dump()  # includes a custom section's extra keys
+
+
+def _flatten(node: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            _flatten(value, f"{prefix}.{key}", out)
+        else:
+            out[f"{prefix}.{key}"] = value

@@ -1,0 +1,440 @@
+"""Datasets as tensors: find (or download) the files, split, normalize, cache.
+
+Contract: `load_data(spec, seed, device)` returns a `DataBundle` of float32 features
+and int64 labels split into train / validation / test and normalized with training
+statistics only. Anything wrong with the data raises `DataError`, whose message is
+shown to the user as-is. `check_data_available` answers the same questions for
+`dlsearch validate` without downloading or writing anything.
+
+Only torch, numpy and the standard library are imported here; scikit-learn (digits,
+synthetic) and pandas (csv) are imported when those datasets are asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import hashlib
+import http.client
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dlsearch.spec import DataSpec
+
+IDX_DATASETS = ("mnist", "fashion_mnist")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_DISPLAY_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+# torchvision's mirrors and the md5 sums it publishes for the gzipped files.
+_MIRRORS: dict[str, tuple[str, ...]] = {
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+    "fashion_mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+}
+_GZ_MD5: dict[str, tuple[str, ...]] = {  # in IDX_FILES order
+    "mnist": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+              "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"),
+    "fashion_mnist": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                      "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"),
+}
+_DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation: an offline machine fails fast instead of hanging a study
+_IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801  # IDX: unsigned bytes, 3 dims / 1 dim
+# Fixed seeds, not the study's: the test set and the synthetic problem must not move when the seed does.
+_TEST_SPLIT_SEED = 0
+_SYNTHETIC_SEED = 0
+_MIN_STD = 1e-6
+_TENSOR_FIELDS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+_log = logging.getLogger(__name__)
+
+
+class DataError(Exception):
+    """The data cannot be found, downloaded or read; the message says what and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DataBundle:
+    """Train / validation / test splits of one dataset, all on one device.
+
+    Features are float32 with shape (N, *input_shape); labels are int64 in [0, n_classes).
+    Shared between trials through `load_data`'s cache: never modify the tensors in place.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    input_shape: tuple[int, ...]  # per sample: (1, 28, 28) for MNIST, (n_features,) for tabular data
+    n_classes: int
+
+    def to(self, device: torch.device | str) -> DataBundle:
+        """The bundle with every tensor on `device`; `self` when they already are there."""
+        moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        if all(moved[name] is getattr(self, name) for name in _TENSOR_FIELDS):
+            return self  # Tensor.to returns the tensor itself when nothing changes
+        return dataclasses.replace(self, **moved)
+
+
+def load_data(spec: DataSpec, seed: int, device: str | torch.device = "cpu") -> DataBundle:
+    """Load, split and normalize the dataset `spec` names, on `device`.
+
+    `seed` drives the `subset` and train/validation split; pass the study's seed so every
+    trial sees the same split. The test split never depends on it. Results are cached per
+    process (by spec, seed, device and the folders or file the spec resolves to), so many
+    trials in one worker share one bundle: the returned tensors must not be modified in place.
+    Raises DataError when the data cannot be had, NotImplementedError for `custom`.
+    """
+    return _load_cached(spec, seed, str(torch.device(device)), _resolution_key(spec))
+
+
+def clear_cache() -> None:
+    """Forget every bundle `load_data` has cached in this process."""
+    _load_cached.cache_clear()
+
+
+def search_roots(spec: DataSpec) -> list[Path]:
+    """The folders searched for MNIST-style IDX files, in order; [] for other datasets.
+
+    `data.root` (relative to the working directory), then `$DLSEARCH_DATA_DIR/<dataset>`,
+    then the user cache `$XDG_CACHE_HOME/dlsearch/<dataset>` (default `~/.cache`), which is
+    also where downloads go.
+    """
+    if spec.dataset not in IDX_DATASETS:
+        return []
+    roots = []
+    if spec.root:
+        roots.append(_absolute(spec.root))
+    if os.environ.get("DLSEARCH_DATA_DIR"):
+        roots.append(_absolute(os.environ["DLSEARCH_DATA_DIR"]) / spec.dataset)
+    roots.append(_cache_dir(spec.dataset))
+    return list(dict.fromkeys(roots))  # the same folder twice is searched once
+
+
+def find_idx_files(spec: DataSpec) -> Path | None:
+    """The first folder of `search_roots` holding all four IDX files (each plain or .gz), or None."""
+    for folder in search_roots(spec):
+        if all(_idx_path(folder, name) for name in IDX_FILES):
+            return folder
+    return None
+
+
+def check_data_available(spec: DataSpec) -> list[str]:
+    """Problems with the data as `data.<field>: message` lines; never downloads or writes.
+
+    Missing MNIST files are a problem only when `data.download` is false (a run would fetch them).
+    """
+    if spec.dataset in IDX_DATASETS:
+        if find_idx_files(spec) is None and not spec.download:
+            return [f"data.root: {_not_found(spec)}; data.download is false. {_how_to_fix(spec)}"]
+        return []
+    if spec.dataset == "csv":
+        problem = _csv_header_problem(spec)
+        return [problem] if problem else []
+    if spec.dataset == "synthetic":
+        return _synthetic_problems(spec)
+    return []
+
+
+# ---------------------------------------------------------------- building a bundle
+
+
+@functools.lru_cache(maxsize=4)  # an MNIST bundle is ~220 MB of float32; a worker rarely needs more than one
+def _load_cached(spec: DataSpec, seed: int, device: str, resolved: tuple[str, ...]) -> DataBundle:
+    del resolved  # part of the cache key only
+    return _build(spec, seed).to(device)
+
+
+def _build(spec: DataSpec, seed: int) -> DataBundle:
+    if spec.dataset in IDX_DATASETS:
+        folder = find_idx_files(spec) or _download(spec)
+        x_pool, y_pool, x_test, y_test = _read_idx_folder(folder)
+        n_classes = 10
+    elif spec.dataset == "custom":
+        raise NotImplementedError(f"data.factory: dataset custom is not supported yet (got {spec.factory!r})")
+    else:
+        x, y, n_classes = {"digits": _digits, "synthetic": _synthetic, "csv": _csv}[spec.dataset](spec)
+        x_pool, y_pool, x_test, y_test = _hold_out_test(x, y, spec.test_fraction)
+    train_idx, val_idx = _train_val_indices(len(y_pool), spec, seed)
+    x_train, x_val = x_pool[train_idx], x_pool[val_idx]
+    # Images share one mean/std (a pixel is a pixel); tabular columns have their own units.
+    mean, std = _train_stats(x_train, per_feature=x_train.dim() == 2)
+    for x in (x_train, x_val, x_test):
+        x.sub_(mean).div_(std)  # in place: each is a fresh copy made by indexing or reading
+    return DataBundle(
+        x_train=x_train, y_train=y_pool[train_idx], x_val=x_val, y_val=y_pool[val_idx],
+        x_test=x_test, y_test=y_test, input_shape=tuple(x_train.shape[1:]), n_classes=n_classes,
+    )
+
+
+def _hold_out_test(x: torch.Tensor, y: torch.Tensor, fraction: float) -> tuple[torch.Tensor, ...]:
+    """(x_pool, y_pool, x_test, y_test) for datasets without an official test split."""
+    order = np.random.default_rng(_TEST_SPLIT_SEED).permutation(len(y))
+    n_test = _n_held_out(len(y), fraction, "data.test_fraction")
+    test_idx, pool_idx = (torch.from_numpy(np.sort(part)) for part in (order[:n_test], order[n_test:]))
+    return x[pool_idx], y[pool_idx], x[test_idx], y[test_idx]
+
+
+def _train_val_indices(n_pool: int, spec: DataSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into the training pool: the `subset` if any, then `val_fraction` of it held out."""
+    order = np.random.default_rng(seed % 2**64).permutation(n_pool)  # numpy seeds must be >= 0
+    if spec.subset is not None:
+        if spec.subset > n_pool:
+            raise DataError(f"data.subset: must be at most the {n_pool} training samples (got {spec.subset})")
+        order = order[: spec.subset]
+    n_val = _n_held_out(len(order), spec.val_fraction, "data.val_fraction")
+    return torch.from_numpy(order[n_val:]), torch.from_numpy(order[:n_val])
+
+
+def _n_held_out(n: int, fraction: float, field: str) -> int:
+    """round(fraction * n), kept so that both sides of the split have at least one sample."""
+    if n < 2:
+        raise DataError(f"{field}: {n} sample(s) cannot be split in two; use more data")
+    return min(max(int(fraction * n + 0.5), 1), n - 1)
+
+
+def _train_stats(x_train: torch.Tensor, per_feature: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    std, mean = torch.std_mean(x_train, dim=0 if per_feature else None, correction=0)
+    # A constant training feature would divide val/test values by ~0; leave it unscaled instead.
+    return mean, torch.where(std > _MIN_STD, std, torch.ones_like(std))
+
+
+# ---------------------------------------------------------------- built-in datasets
+
+
+def _digits(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)  # 1797 8x8 images, pixels 0-16, bundled with scikit-learn
+    return torch.from_numpy(x.astype(np.float32)).reshape(-1, 1, 8, 8), torch.from_numpy(y.astype(np.int64)), 10
+
+
+def _synthetic(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
+    problems = _synthetic_problems(spec)
+    if problems:
+        raise DataError(problems[0])
+    from sklearn.datasets import make_classification
+
+    n_informative = _n_informative(spec.n_features)
+    x, y = make_classification(
+        n_samples=spec.n_samples, n_features=spec.n_features, n_informative=n_informative,
+        n_redundant=min(2, spec.n_features - n_informative),  # sklearn's default 2 does not fit 2-3 features
+        n_classes=spec.n_classes, random_state=_SYNTHETIC_SEED,
+    )
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64)), spec.n_classes
+
+
+def _n_informative(n_features: int) -> int:
+    return max(2, n_features // 2)
+
+
+def _synthetic_problems(spec: DataSpec) -> list[str]:
+    if spec.n_features < 2:
+        return [f"data.n_features: must be >= 2 for dataset synthetic (got {spec.n_features})"]
+    n_informative = _n_informative(spec.n_features)
+    if spec.n_classes * 2 > 2**n_informative:  # make_classification puts 2 clusters per class on hypercube corners
+        return [f"data.n_classes: must be <= {2 ** n_informative // 2} with n_features {spec.n_features} "
+                f"({n_informative} informative features) (got {spec.n_classes})"]
+    return []
+
+
+def _csv(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
+    problem = _csv_header_problem(spec)
+    if problem:
+        raise DataError(problem)
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(spec.path)
+    except (ValueError, OSError) as err:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise DataError(f"data.path: cannot read it as CSV: {err} (got {spec.path!r})") from None
+    with_gaps = [str(c) for c in frame.columns if frame[c].isna().any()]
+    labels = frame.pop(spec.label_column)
+    non_numeric = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    codes, classes = pd.factorize(labels, sort=True)  # sorted unique values -> 0..K-1
+    if non_numeric:
+        problem = f"every column but data.label_column must be numeric; not numeric: {', '.join(non_numeric)}"
+    elif with_gaps:
+        problem = f"missing values in columns {', '.join(with_gaps)}"
+    elif frame.shape[1] == 0 or len(classes) < 2:
+        problem = f"needs a feature column and 2 classes (found {frame.shape[1]} and {len(classes)})"
+    else:
+        x = torch.from_numpy(frame.to_numpy(dtype=np.float32))
+        return x, torch.from_numpy(codes.astype(np.int64)), len(classes)
+    raise DataError(f"data.path: {problem} (got {spec.path!r})")
+
+
+def _csv_header_problem(spec: DataSpec) -> str | None:
+    """The first problem with a CSV dataset seen without reading past the header, or None."""
+    if not spec.path:
+        return "data.path: is required for dataset csv (the CSV file)"
+    if not Path(spec.path).is_file():
+        return f"data.path: {'not a file' if Path(spec.path).exists() else 'no such file'} (got {spec.path!r})"
+    import pandas as pd
+
+    try:
+        columns = [str(c) for c in pd.read_csv(spec.path, nrows=0).columns]
+    except (ValueError, OSError) as err:
+        return f"data.path: cannot read it as CSV: {err} (got {spec.path!r})"
+    if spec.label_column not in columns:
+        return (f"data.label_column: no such column in {spec.path}; its columns are {', '.join(columns)} "
+                f"(got {spec.label_column!r})")
+    return None
+
+
+# ---------------------------------------------------------------- IDX files (MNIST, Fashion-MNIST)
+
+
+def _read_idx_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): images float32 in [0, 1] shaped (N, 1, rows, cols)."""
+    out: list[torch.Tensor] = []
+    for prefix in ("train", "t10k"):
+        images_path = _idx_path(folder, f"{prefix}-images-idx3-ubyte")
+        labels_path = _idx_path(folder, f"{prefix}-labels-idx1-ubyte")
+        assert images_path and labels_path, "callers pass a folder find_idx_files accepted"
+        images, labels = _read_idx(images_path, _IMAGES_MAGIC), _read_idx(labels_path, _LABELS_MAGIC)
+        if len(images) != len(labels):
+            raise DataError(f"{folder}: {images_path.name} holds {len(images)} images but {labels_path.name} "
+                            f"holds {len(labels)} labels")
+        if labels.size and labels.max() > 9:
+            raise DataError(f"{labels_path}: labels must be 0-9 (found {labels.max()})")
+        if out and images.shape[1:] != tuple(out[0].shape[2:]):
+            raise DataError(f"{images_path}: images are {images.shape[1:]}, the training images "
+                            f"{tuple(out[0].shape[2:])}")
+        x = torch.from_numpy(images.astype(np.float32)).div_(255.0).unsqueeze(1)  # astype copies: writable
+        out += [x, torch.from_numpy(labels.astype(np.int64))]
+    return out[0], out[1], out[2], out[3]
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """The uint8 array stored in one IDX file, plain or gzipped; DataError naming the file otherwise."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror})") from None
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:  # bad header, truncated stream, corrupt data
+            raise DataError(f"{path}: not a valid gzip file ({err}); delete it and fetch it again") from None
+    kind = "images" if magic == _IMAGES_MAGIC else "labels"
+    n_dims = magic & 0xFF
+    header_bytes = 4 + 4 * n_dims
+    if len(raw) < header_bytes:
+        raise DataError(f"{path}: truncated: {len(raw)} bytes, shorter than an IDX {kind} header")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        hint = "; it looks gzipped: name it .gz" if raw[:2] == b"\x1f\x8b" else ""
+        raise DataError(f"{path}: wrong magic number 0x{found:08X}; IDX {kind} files start with 0x{magic:08X}{hint}")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=n_dims, offset=4))
+    n_bytes = int(np.prod(dims))
+    if len(raw) - header_bytes != n_bytes:
+        what = "truncated" if len(raw) - header_bytes < n_bytes else "too long"
+        raise DataError(f"{path}: {what}: the header promises {'x'.join(map(str, dims))} = {n_bytes} bytes of "
+                        f"{kind}, the file holds {len(raw) - header_bytes}")
+    return np.frombuffer(raw, dtype=np.uint8, count=n_bytes, offset=header_bytes).reshape(dims)
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download(spec: DataSpec) -> Path:
+    """Fetch the missing gz files into the cache folder and return it, or raise one clear DataError."""
+    if not spec.download:
+        raise DataError(f"data.root: {_not_found(spec)}; data.download is false. {_how_to_fix(spec)}")
+    target, not_found = _cache_dir(spec.dataset), _not_found(spec)  # described before the download creates folders
+    failure = _fetch_missing(spec.dataset, target)
+    if failure:
+        raise DataError(f"data.root: {not_found}; downloading into {target} failed: {failure}. "
+                        f"{_how_to_fix(spec)}")
+    return target
+
+
+def _fetch_missing(dataset: str, target: Path) -> str | None:
+    """Download each file `target` lacks, trying the mirrors in order; why it failed, or None."""
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot create the folder ({err.strerror})"
+    for name, md5 in zip(IDX_FILES, _GZ_MD5[dataset], strict=True):
+        if _idx_path(target, name):
+            continue
+        reasons = []
+        for mirror in _MIRRORS[dataset]:
+            url = f"{mirror}{name}.gz"
+            try:
+                _fetch(url, target / f"{name}.gz", md5)
+                break
+            except (OSError, ValueError, http.client.HTTPException) as err:  # URLError and timeouts are OSErrors
+                reasons.append(f"{url}: {_reason(err)}")
+        else:
+            return "; ".join(reasons)  # the next files would fail the same way
+    return None
+
+
+def _fetch(url: str, dest: Path, md5: str) -> None:
+    """Download `url` to `dest` atomically (temp file + rename) after checking its md5."""
+    _log.info("downloading %s to %s", url, dest)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    digest = hashlib.md5(usedforsecurity=False)  # integrity against a published sum, not security
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != md5:
+            raise ValueError(f"checksum mismatch (md5 {digest.hexdigest()}, expected {md5})")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    return str(getattr(err, "reason", None) or err) or type(err).__name__
+
+
+def _not_found(spec: DataSpec) -> str:
+    """'MNIST files not found; looked in A (why), B (why)' over every folder of `search_roots`."""
+    looked = []
+    for folder in search_roots(spec):
+        missing = [name for name in IDX_FILES if not _idx_path(folder, name)]
+        why = ("no such folder" if not folder.is_dir() else
+               "none of the 4 files" if len(missing) == len(IDX_FILES) else f"missing {', '.join(missing)}")
+        looked.append(f"{folder} ({why})")
+    return f"{_DISPLAY_NAMES[spec.dataset]} files not found; looked in {', '.join(looked)}"
+
+
+def _how_to_fix(spec: DataSpec) -> str:
+    return (f"Set data.root to a folder holding {', '.join(IDX_FILES)} (each plain or .gz), or "
+            f"DLSEARCH_DATA_DIR to a folder with a {spec.dataset}/ subfolder holding them")
+
+
+def _resolution_key(spec: DataSpec) -> tuple[str, ...]:
+    # The same spec names other files when the working directory or the environment changes.
+    if spec.dataset in IDX_DATASETS:
+        return tuple(map(str, search_roots(spec)))
+    if spec.dataset == "csv" and spec.path:
+        return (str(_absolute(spec.path)),)
+    return ()
+
+
+def _cache_dir(dataset: str) -> Path:
+    return _absolute(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlsearch" / dataset
+
+
+def _absolute(path: str | Path) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(path)))  # abspath also folds `..` for readable messages

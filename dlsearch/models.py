@@ -1,0 +1,208 @@
+"""The built-in models: an MLP and a small CNN, built from the `model:` section.
+
+Contract: `build_model(spec, input_shape, n_classes)` returns an `nn.Module`
+that maps a batch of shape `(batch, *input_shape)` to logits of shape
+`(batch, n_classes)`, with its weights initialised by `init_weights`.
+`input_shape` is per sample: `(1, 28, 28)` for MNIST, `(1, 8, 8)` for sklearn
+digits, `(20,)` for tabular features.
+
+This module imports only torch, so a trial can build its model in a plain
+shell with no tuner or tracker around.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch.nn as nn
+
+if TYPE_CHECKING:  # the spec module pulls in pydantic and yaml; models need only its fields
+    from dlsearch.spec import ModelSpec
+
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh", "sigmoid")
+INITS = ("kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "orthogonal", "default")
+LEAKY_RELU_SLOPE = 0.01  # PyTorch's default, and the slope the kaiming gain is computed for
+
+# The layers whose weights an init scheme draws, and the norm layers it resets.
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+def build_model(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """Build the model `spec` describes and initialise it with `spec.init`.
+
+    `mlp`: flatten, then `depth` blocks of Linear(width) -> norm -> activation
+    -> Dropout, then Linear(n_classes); depth 0 is a linear classifier.
+    `cnn`: `depth` blocks of Conv2d -> norm -> activation -> MaxPool2d(2), the
+    channels doubling per block from `channels`, then Flatten -> Dropout ->
+    Linear(width) -> activation -> Dropout -> Linear(n_classes). It needs a
+    `(channels, height, width)` input shape.
+
+    Raises ValueError for a bad shape or class count, NotImplementedError for
+    `kind: custom` (user factories are resolved elsewhere).
+    """
+    input_shape = tuple(int(d) for d in input_shape)  # accepts torch.Size and numpy ints
+    if not input_shape or min(input_shape) < 1:
+        raise ValueError(f"input_shape: every dimension must be a positive int (got {input_shape})")
+    if n_classes < 1:
+        raise ValueError(f"n_classes: must be >= 1 (got {n_classes})")
+    if spec.activation not in ACTIVATIONS:
+        raise ValueError(f"model.activation: must be one of {', '.join(ACTIVATIONS)} (got {spec.activation!r})")
+    if spec.kind == "mlp":
+        model = _mlp(spec, input_shape, n_classes)
+    elif spec.kind == "cnn":
+        model = _cnn(spec, input_shape, n_classes)
+    elif spec.kind == "custom":
+        raise NotImplementedError("model.kind: custom models are built by the user's factory, not build_model")
+    else:
+        raise ValueError(f"model.kind: must be one of mlp, cnn, custom (got {spec.kind!r})")
+    init_weights(model, spec.init, spec.activation)
+    return model
+
+
+def init_weights(model: nn.Module, init: str, activation: str) -> None:
+    """Initialise `model` in place with the scheme `init`, scaled for `activation`.
+
+    Every Linear and Conv weight is drawn by the scheme with the gain of
+    `activation` (gelu counts as relu, leaky_relu has slope 0.01; kaiming uses
+    mode fan_in). The last Linear/Conv layer in module order is taken to be the
+    classifier head and gets the linear gain 1.0, since no nonlinearity follows
+    it. Biases become 0; norm layers get weight 1 and bias 0.
+    `init="default"` leaves PyTorch's own initialisation untouched, biases too.
+    """
+    if init not in INITS:
+        raise ValueError(f"model.init: must be one of {', '.join(INITS)} (got {init!r})")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"model.activation: must be one of {', '.join(ACTIVATIONS)} (got {activation!r})")
+    if init == "default":
+        return
+    weighted = [m for m in model.modules() if isinstance(m, _WEIGHTED)]
+    for i, layer in enumerate(weighted):
+        is_head = i == len(weighted) - 1
+        nonlinearity, slope = ("linear", 0.0) if is_head else _torch_nonlinearity(activation)
+        _draw(layer.weight, init, nonlinearity, slope)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+    for norm in (m for m in model.modules() if isinstance(m, _NORMS)):
+        if norm.weight is not None:  # None when built with affine=False
+            nn.init.ones_(norm.weight)
+        if norm.bias is not None:
+            nn.init.zeros_(norm.bias)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The number of scalars in `model`'s parameters, trainable or not.
+
+    Buffers such as BatchNorm running statistics are not parameters and are not
+    counted; a parameter shared by two layers is counted once.
+    """
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _mlp(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Sequential:
+    # Named children give readable state_dict keys: hidden.0.linear.weight, head.bias.
+    n_in = math.prod(input_shape)
+    blocks = []
+    for _ in range(spec.depth):
+        block = OrderedDict(linear=nn.Linear(n_in, spec.width))
+        if spec.norm == "batch":
+            block["norm"] = nn.BatchNorm1d(spec.width)
+        elif spec.norm == "layer":
+            block["norm"] = nn.LayerNorm(spec.width)
+        block["act"] = _activation(spec.activation)
+        # Kept at p=0 too, so the module layout does not depend on a searched value.
+        block["dropout"] = nn.Dropout(spec.dropout)
+        blocks.append(nn.Sequential(block))
+        n_in = spec.width
+    return nn.Sequential(OrderedDict(
+        flatten=nn.Flatten(),
+        hidden=nn.Sequential(*blocks),
+        head=nn.Linear(n_in, n_classes),
+    ))
+
+
+def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Sequential:
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"model.kind: cnn needs an image input shape (channels, height, width) (got {input_shape}); "
+            "use kind: mlp for flat features"
+        )
+    c_in, height, width = input_shape
+    padding = spec.kernel_size // 2  # keeps height and width for the odd kernels the spec allows
+    blocks = []
+    for i in range(spec.depth):
+        c_out = spec.channels * 2**i
+        block = OrderedDict(conv=nn.Conv2d(c_in, c_out, spec.kernel_size, padding=padding))
+        if spec.norm == "batch":
+            block["norm"] = nn.BatchNorm2d(c_out)
+        elif spec.norm == "layer":
+            # One group normalises each sample over (C, H, W): layer norm for
+            # feature maps, without fixing H and W into the module.
+            block["norm"] = nn.GroupNorm(1, c_out)
+        block["act"] = _activation(spec.activation)
+        height = height + 2 * padding - spec.kernel_size + 1
+        width = width + 2 * padding - spec.kernel_size + 1
+        # Pool only while there is something to halve, so an 8x8 digit or a
+        # deep stack ends at 1x1 instead of an empty map.
+        if min(height, width) >= 2:
+            block["pool"] = nn.MaxPool2d(2)
+            height, width = height // 2, width // 2
+        blocks.append(nn.Sequential(block))
+        c_in = c_out
+    return nn.Sequential(OrderedDict(
+        features=nn.Sequential(*blocks),
+        flatten=nn.Flatten(),
+        dropout=nn.Dropout(spec.dropout),
+        dense=nn.Linear(c_in * height * width, spec.width),
+        act=_activation(spec.activation),
+        dense_dropout=nn.Dropout(spec.dropout),
+        head=nn.Linear(spec.width, n_classes),
+    ))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _activation(name: str) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(LEAKY_RELU_SLOPE)
+    if name == "gelu":
+        return nn.GELU()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    raise ValueError(f"model.activation: must be one of {', '.join(ACTIVATIONS)} (got {name!r})")
+
+
+def _torch_nonlinearity(activation: str) -> tuple[str, float]:
+    """The (nonlinearity, negative slope) that torch.nn.init computes the gain of `activation` from."""
+    if activation == "leaky_relu":
+        return "leaky_relu", LEAKY_RELU_SLOPE
+    if activation == "gelu":
+        return "relu", 0.0  # calculate_gain knows no gelu; it is relu-like for large |x|
+    return activation, 0.0
+
+
+def _draw(weight: nn.Parameter, init: str, nonlinearity: str, slope: float) -> None:
+    if init == "kaiming_normal":
+        nn.init.kaiming_normal_(weight, a=slope, mode="fan_in", nonlinearity=nonlinearity)
+    elif init == "kaiming_uniform":
+        nn.init.kaiming_uniform_(weight, a=slope, mode="fan_in", nonlinearity=nonlinearity)
+    else:
+        gain = nn.init.calculate_gain(nonlinearity, slope)
+        if init == "xavier_normal":
+            nn.init.xavier_normal_(weight, gain=gain)
+        elif init == "xavier_uniform":
+            nn.init.xavier_uniform_(weight, gain=gain)
+        elif init == "orthogonal":
+            nn.init.orthogonal_(weight, gain=gain)
+        else:
+            raise AssertionError(f"unhandled init {init!r}")  # INITS was checked by the caller

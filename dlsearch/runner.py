@@ -1,0 +1,476 @@
+"""The tuner: joins where trials run (Ray Tune), what to run and when to stop (Optuna), and MLflow.
+
+`run_study(spec)` runs a study to its budget, or continues it when its Optuna
+storage already holds it. The driver process does every Optuna and MLflow
+write, fed by what trials report: SQLite has one writer at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import optuna
+from optuna.trial import TrialState
+
+from dlsearch.config import TrialConfig, trial_config
+from dlsearch.search import directions, make_pruner, make_sampler, suggest
+from dlsearch.spec import StudySpec
+from dlsearch.tracker import MlflowTracker, node_name, tracking_uri
+
+INTERRUPTED = "interrupted"  # fail_reason of trials a killed or stopped driver left running
+
+
+class Interrupted(Exception):
+    """The run was stopped by SIGINT/SIGTERM after its state was saved (exit 130)."""
+
+
+@dataclass
+class TrialRecord:
+    """The driver's view of one running trial."""
+
+    number: int
+    optuna_trial: optuna.Trial
+    cfg: TrialConfig
+    run_id: str
+    started_s: float = field(default_factory=time.monotonic)
+    n_epochs: int = 0
+    final: dict[str, Any] | None = None
+
+
+@dataclass
+class StudySummary:
+    """What `dlsearch run` ends with."""
+
+    name: str  # the Optuna study name (the study's version)
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    best_number: int | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    best_test_accuracy: float | None
+    parent_run_id: str
+    fail_reasons: dict[str, int]
+    elapsed_s: float
+    epochs_run: int
+
+
+def study_versions(spec: StudySpec, storage: optuna.storages.BaseStorage) -> list[str]:
+    """The Optuna study names of every version of this study, oldest first."""
+    names = set(optuna.get_all_study_names(storage))
+    versions = [spec.name] if spec.name in names else []
+    n = 2
+    while f"{spec.name}-v{n}" in names:
+        versions.append(f"{spec.name}-v{n}")
+        n += 1
+    return versions
+
+
+def open_storage(spec: StudySpec) -> optuna.storages.BaseStorage:
+    url = tracking_uri(spec.tracking.optuna_storage)
+    if url.startswith("sqlite:"):
+        # Wait for a busy database instead of failing with "database is locked".
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.RDBStorage(url)
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    trials: int | None = None,
+    address: str | None = None,
+    fresh: bool = False,
+    on_event: Callable[[str, Mapping[str, Any]], None] | None = None,
+) -> StudySummary:
+    """Run (or continue) the study until `trials` (default `budget.trials`) trials have finished.
+
+    `on_event(kind, info)` receives progress: "start", "trial_start", "epoch",
+    "trial_end", "end". Raises `Interrupted` after saving state on SIGINT/SIGTERM.
+    """
+    started = time.monotonic()
+    _quiet_libraries()
+    storage = open_storage(spec)
+    versions = study_versions(spec, storage)
+    version = versions[-1] if versions and not fresh else (
+        spec.name if not versions else f"{spec.name}-v{len(versions) + 1}")
+    study = optuna.create_study(
+        storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec), study_name=version,
+        directions=directions(spec), load_if_exists=True,
+    )
+    n_reopened = _close_interrupted(study)
+    tracker = MlflowTracker(spec, version)
+    tracker.open()
+    tracker.close_stale_children()
+    budget = trials or spec.budget.trials
+    remaining = budget - len(_finished(study))
+    driver = _Driver(spec, study, tracker, on_event or (lambda kind, info: None))
+    driver.emit("start", {"version": version, "budget": budget, "remaining": max(0, remaining),
+                          "resumed": bool(versions) and not fresh, "fresh": fresh and bool(versions),
+                          "reopened": n_reopened, "finished": len(_finished(study))})
+    interrupted = False
+    if remaining > 0:
+        interrupted = _run_on_ray(spec, driver, remaining, address)
+    summary = _summarize(spec, study, tracker, started, driver.epochs_run)
+    if not interrupted:
+        from dlsearch.leaderboard import write_study_artifacts
+
+        with _tempdir() as out:
+            write_study_artifacts(spec, study, out)
+            if spec.tracking.register_best:
+                driver.register_best()
+            tracker.finish_study(out)
+    driver.emit("end", {"summary": summary, "interrupted": interrupted})
+    if interrupted:
+        raise Interrupted(f"stopped; {summary.n_complete + summary.n_pruned + summary.n_failed} trials are saved")
+    return summary
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str | None) -> bool:
+    """Dispatch `n_trials` trials on Ray Tune; returns True if interrupted by a signal."""
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # our handler saves state, then exits 130
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # the final report has no epoch metric
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+    from ray import tune
+
+    from dlsearch.scheduler import OptunaPruningScheduler
+    from dlsearch.trainable import FINAL, run_trial
+
+    address = address or spec.resources.address
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if address:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        else:
+            ray.init(
+                include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+                _node_ip_address="127.0.0.1",
+            )
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        cpus, gpus_per_trial, concurrency = _resources(spec, ray.cluster_resources())
+        metric = spec.objectives[0].metric
+        scheduler = (
+            OptunaPruningScheduler(metric, driver.optuna_trial_for, final_key=FINAL)
+            if len(spec.objectives) == 1 else tune.schedulers.FIFOScheduler()
+        )
+        driver.scheduler = scheduler
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, spec=spec), {"cpu": cpus, "gpu": gpus_per_trial}
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=_OptunaSearcher(driver),
+                scheduler=scheduler,
+                num_samples=n_trials,
+                max_concurrent_trials=min(concurrency, n_trials),
+                reuse_actors=True,  # a worker keeps its loaded data across the trials it runs
+                time_budget_s=spec.budget.timeout_s,
+            ),
+            run_config=tune.RunConfig(
+                name=f"{spec.slug}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(Path("mlruns/ray").resolve()),
+                verbose=0,
+                callbacks=[_DriverCallback(driver)],
+                failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
+        )
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            driver.interrupt_running()
+            return True
+        driver.interrupt_running()  # a trial Tune dropped (e.g. timeout) is closed, not left RUNNING
+        return False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if started_ray:
+            ray.shutdown()
+
+
+def _quiet_libraries() -> None:
+    """Optuna's and MLflow's info lines would interleave with the progress display."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _resources(spec: StudySpec, cluster: Mapping[str, float]) -> tuple[float, float, int]:
+    """CPUs and GPUs per trial, and how many trials run at once."""
+    r = spec.resources
+    n_cpus, n_gpus = cluster.get("CPU", 1), cluster.get("GPU", 0)
+    by_cpu = max(1, int(n_cpus // r.cpus_per_trial))
+    concurrency = by_cpu if r.max_concurrent == "auto" else int(r.max_concurrent)
+    if r.gpus_per_trial == "auto":
+        # Share the visible GPUs among the concurrent trials; small models leave a whole GPU idle.
+        gpus = 0.0 if n_gpus == 0 else min(1.0, n_gpus / concurrency)
+    else:
+        gpus = float(r.gpus_per_trial)
+    if gpus > 0:
+        concurrency = min(concurrency, max(1, int(n_gpus // gpus)))
+    return r.cpus_per_trial, gpus, concurrency
+
+
+def _ray_classes():
+    from ray.tune import Callback
+    from ray.tune.search import Searcher
+
+    return Callback, Searcher
+
+
+_Callback, _Searcher = _ray_classes()
+
+
+class _DriverBound:
+    """Tune pickles its searcher, scheduler and callbacks into its experiment state; the driver
+    (Optuna study, MLflow client) stays out of that copy: dlsearch resumes from Optuna, not Tune."""
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("driver", "_optuna_trial_for")}
+
+
+class _OptunaSearcher(_DriverBound, _Searcher):
+    """Tune's searcher, backed by the driver's Optuna study (define-by-run asks)."""
+
+    def __init__(self, driver: "_Driver"):
+        super().__init__()
+        self.driver = driver
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict | None:
+        return self.driver.ask(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass  # the driver closes trials in its callback, which sees the checkpoint and the error
+
+
+class _DriverCallback(_DriverBound, _Callback):
+    def __init__(self, driver: "_Driver"):
+        self.driver = driver
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.driver.on_result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        checkpoint = trial.checkpoint
+        self.driver.on_complete(trial.trial_id, checkpoint.path if checkpoint else None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reason = f"the trial's worker failed {trial.num_failures} time(s)"
+        error = trial.error_file and Path(trial.error_file)
+        if error and error.exists():
+            reason += ": " + error.read_text().strip().splitlines()[-1][:300]
+        self.driver.on_error(trial.trial_id, reason)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.driver.emit("tick", {})
+
+
+# ---------------------------------------------------------------- driver
+
+
+class _Driver:
+    """The driver-side state of a running study: asks, tells and tracking writes."""
+
+    def __init__(self, spec: StudySpec, study: optuna.Study, tracker: MlflowTracker,
+                 emit: Callable[[str, Mapping[str, Any]], None]):
+        self.spec = spec
+        self.study = study
+        self.tracker = tracker
+        self.emit = emit
+        self.records: dict[str, TrialRecord] = {}
+        self.scheduler: Any = None
+        self.epochs_run = 0
+
+    def optuna_trial_for(self, tune_trial_id: str) -> optuna.Trial | None:
+        record = self.records.get(tune_trial_id)
+        return record.optuna_trial if record else None
+
+    def ask(self, tune_trial_id: str) -> dict:
+        trial = self.study.ask()
+        params = suggest(trial, self.spec)
+        cfg = trial_config(self.spec, params, trial.number)
+        run_id = self.tracker.start(cfg)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        self.records[tune_trial_id] = TrialRecord(trial.number, trial, cfg, run_id)
+        self.emit("trial_start", {"number": trial.number, "params": params})
+        return {"number": trial.number, "params": params}
+
+    def on_result(self, tune_trial_id: str, result: Mapping[str, Any]) -> None:
+        record = self.records.get(tune_trial_id)
+        if record is None:
+            return
+        from dlsearch.trainable import FINAL
+
+        if result.get(FINAL):
+            record.final = dict(result)
+            return
+        epoch = int(result["epoch"])
+        record.n_epochs = max(record.n_epochs, epoch)
+        self.epochs_run += 1
+        metrics = {k: result[k] for k in _EPOCH_METRICS if k in result}
+        self.tracker.log_epoch(record.run_id, epoch, metrics)
+        self.emit("epoch", {"number": record.number, "epoch": epoch, "metrics": metrics})
+
+    def on_complete(self, tune_trial_id: str, checkpoint_dir: str | None) -> None:
+        record = self.records.pop(tune_trial_id, None)
+        if record is None:
+            return
+        pruned_at = getattr(self.scheduler, "pruned", {}).get(tune_trial_id)
+        final = record.final or {}
+        if pruned_at is not None:
+            self._close(record, TrialState.PRUNED, "", final)
+        elif final.get("state") == "COMPLETE":
+            values = [final.get(f"best.{o.metric}") for o in self.spec.objectives]
+            if any(v is None or not math.isfinite(v) for v in values):
+                self._close(record, TrialState.FAIL, "the objective was never reported", final)
+            else:
+                self._close(record, TrialState.COMPLETE, "", final, values, checkpoint_dir)
+        else:
+            reason = final.get("fail_reason") or "the trial ended without a final report"
+            self._close(record, TrialState.FAIL, reason, final)
+
+    def on_error(self, tune_trial_id: str, reason: str) -> None:
+        record = self.records.pop(tune_trial_id, None)
+        if record is not None:
+            self._close(record, TrialState.FAIL, reason, record.final or {})
+
+    def interrupt_running(self) -> None:
+        """Close trials still running (stopped driver): FAIL `interrupted`, rerun on resume."""
+        for record in list(self.records.values()):
+            _mark_interrupted(self.study, record.optuna_trial.number, record.optuna_trial.params)
+            self.tracker.flush(record.run_id)
+            self.tracker.end(record.run_id, "INTERRUPTED", fail_reason=INTERRUPTED)
+        self.records.clear()
+
+    def register_best(self) -> None:
+        best = _best_trial(self.study)
+        if best is None or "mlflow_run_id" not in best.user_attrs:
+            return
+        checkpoint = best.user_attrs.get("checkpoint")
+        if not checkpoint or not Path(checkpoint).exists():
+            return
+        import torch
+
+        from dlsearch.data import load_data
+        from dlsearch.models import build_model
+
+        cfg = trial_config(self.spec, best.params, best.number)
+        data = load_data(cfg.data, cfg.data_seed)
+        model = build_model(cfg.model, data.input_shape, data.n_classes)
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+        self.tracker.register_best(best.user_attrs["mlflow_run_id"], model, data.x_test[:2].numpy())
+
+    def _close(self, record: TrialRecord, state: TrialState, reason: str, final: Mapping[str, Any],
+               values: list[float] | None = None, checkpoint_dir: str | None = None) -> None:
+        trial = record.optuna_trial
+        trial.set_user_attr("epochs_run", record.n_epochs)
+        for key in ("test_accuracy", "test_loss", "epoch_time_s"):
+            if final.get(key) is not None:
+                trial.set_user_attr(key, final[key])
+        if reason:
+            trial.set_user_attr("fail_reason", reason)
+        if checkpoint_dir:
+            from dlsearch.trainable import BEST_FILE
+
+            trial.set_user_attr("checkpoint", str(Path(checkpoint_dir) / BEST_FILE))
+        self.study.tell(trial, values=values if state == TrialState.COMPLETE else None, state=state)
+        name = state.name
+        self.tracker.end(record.run_id, name, fail_reason=reason, final=final,
+                         checkpoint_dir=checkpoint_dir, node=final.get("hostname") or node_name())
+        best = _best_trial(self.study)
+        if best is not None and len(self.spec.objectives) == 1:
+            self.tracker.log_best(best.value, len(_finished(self.study)))
+        self.emit("trial_end", {"number": record.number, "state": name, "reason": reason,
+                                "value": values[0] if values else None, "epochs": record.n_epochs,
+                                "best": best.value if best is not None and len(self.spec.objectives) == 1 else None})
+
+
+_EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s",
+                  "generalization_gap")
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count toward the budget: every finished one but those a stopped driver interrupted."""
+    return [
+        t for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished() and t.user_attrs.get("fail_reason") != INTERRUPTED
+    ]
+
+
+def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    if len(study.directions) > 1:
+        return None
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def _close_interrupted(study: optuna.Study) -> int:
+    """Trials a killed driver left RUNNING: FAIL (`interrupted`) and queued to run again."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        _mark_interrupted(study, t.number, t.params)
+    return len(stale)
+
+
+def _mark_interrupted(study: optuna.Study, number: int, params: Mapping[str, Any]) -> None:
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    study._storage.set_trial_user_attr(trial_id, "fail_reason", INTERRUPTED)
+    study.tell(number, state=TrialState.FAIL)
+    study.enqueue_trial(dict(params), user_attrs={"rerun_of": number}, skip_if_exists=False)
+
+
+def _summarize(spec: StudySpec, study: optuna.Study, tracker: MlflowTracker, started: float,
+               epochs_run: int) -> StudySummary:
+    trials = _finished(study)
+    by_state = {s: [t for t in trials if t.state == s] for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    reasons: dict[str, int] = {}
+    for t in by_state[TrialState.FAIL]:
+        reason = str(t.user_attrs.get("fail_reason", "unknown"))
+        reasons[reason] = reasons.get(reason, 0) + 1
+    best = _best_trial(study)
+    return StudySummary(
+        name=study.study_name,
+        n_complete=len(by_state[TrialState.COMPLETE]),
+        n_pruned=len(by_state[TrialState.PRUNED]),
+        n_failed=len(by_state[TrialState.FAIL]),
+        best_number=best.number if best else None,
+        best_value=best.value if best else None,
+        best_params=dict(best.params) if best else {},
+        best_test_accuracy=best.user_attrs.get("test_accuracy") if best else None,
+        parent_run_id=tracker.parent_run_id,
+        fail_reasons=reasons,
+        elapsed_s=time.monotonic() - started,
+        epochs_run=epochs_run,
+    )
+
+
+class _tempdir:
+    def __enter__(self) -> Path:
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="dlsearch-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc: object) -> None:
+        self._tmp.cleanup()

@@ -1,0 +1,684 @@
+"""The study file: load it, apply `--set` overrides, validate everything at once.
+
+Contract: `load_spec(path, overrides)` returns a frozen `StudySpec` or raises
+`SpecError` holding every problem, one line each, as `path: what is wrong (got X)`.
+Nothing after this module touches the raw YAML dict.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
+
+DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic", "csv", "custom")
+IMAGE_DATASETS = ("mnist", "fashion_mnist", "digits")
+MODEL_KINDS = ("mlp", "cnn", "custom")
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh", "sigmoid")
+NORMS = ("none", "batch", "layer")
+INITS = ("kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "orthogonal", "default")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
+SAMPLERS = ("random", "grid", "tpe", "cmaes", "gp", "qmc", "nsga2")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "patient", "threshold", "wilcoxon")
+# What the built-in loop reports every epoch; any of them can be the objective.
+REPORTED_METRICS = (
+    "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s", "generalization_gap",
+)
+SEARCHABLE_SECTIONS = ("data", "model", "train")
+
+Scalar = Union[bool, int, float, str, None]
+
+
+class SpecError(Exception):
+    """Every problem found in a study, one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    # strict: `epochs: "ten"` or `dropout: true` is an error, not a silent coercion.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class DataSpec(_Section):
+    model_config = ConfigDict(extra="allow")  # extra keys survive only for `dataset: custom`
+    dataset: Literal[DATASETS]
+    root: str | None = None
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    subset: int | None = Field(None, gt=0)
+    download: bool = True
+    path: str | None = None  # csv: the file
+    label_column: str = "label"  # csv: the column holding the class
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # datasets without an official test split
+    n_samples: int = Field(4000, gt=0)  # synthetic
+    n_features: int = Field(20, gt=0)  # synthetic
+    n_classes: int = Field(4, ge=2)  # synthetic
+    factory: str | None = None  # custom: "package.module:function"
+
+
+class ModelSpec(_Section):
+    model_config = ConfigDict(extra="allow")  # extra keys survive only for `kind: custom`
+    kind: Literal[MODEL_KINDS] = "mlp"
+    depth: int = Field(2, ge=0)  # mlp: hidden layers; cnn: conv blocks
+    width: int = Field(256, gt=0)  # mlp: hidden units; cnn: units of the dense layer before the head
+    activation: Literal[ACTIVATIONS] = "relu"
+    dropout: float = Field(0.1, ge=0, lt=1)
+    norm: Literal[NORMS] = "none"
+    init: Literal[INITS] = "kaiming_normal"
+    channels: int = Field(32, gt=0)  # cnn: channels of the first block, doubled per block
+    kernel_size: int = Field(3, gt=0)  # cnn
+    factory: str | None = None  # custom: "package.module:function"
+
+
+class EarlyStoppingSpec(_Section):
+    patience: int = Field(5, gt=0)  # epochs without improvement before stopping
+    min_delta: float = Field(0.0, ge=0)  # the least change that counts as improvement
+
+
+class TrainSpec(_Section):
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(128, gt=0)
+    optimizer: Literal[OPTIMIZERS] = "adam"
+    lr: float = Field(1.0e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal[SCHEDULES] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)  # warmup_cosine: linear warmup length
+    step_epochs: int = Field(5, gt=0)  # step: epochs between decays
+    step_gamma: float = Field(0.1, gt=0, le=1)  # step: decay factor
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 turns it off
+    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, used on CUDA only
+    checkpoint_every: int = Field(1, gt=0)  # epochs between checkpoints a crashed trial resumes from
+
+
+class _Dim(_Section):
+    when: dict[str, Union[Scalar, list[Scalar]]] | None = None
+
+
+class FloatDim(_Dim):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+class IntDim(_Dim):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+
+class CategoricalDim(_Dim):
+    type: Literal["categorical"]
+    choices: list[Scalar]
+
+
+SearchDim = Annotated[Union[FloatDim, IntDim, CategoricalDim], Field(discriminator="type")]
+
+
+class ObjectiveSpec(_Section):
+    metric: str
+    direction: Literal["minimize", "maximize"]
+
+
+class SamplerSpec(_Section):
+    model_config = ConfigDict(extra="allow")  # the other keys go to the Optuna sampler
+    type: Literal[SAMPLERS] = "tpe"
+
+
+class PrunerSpec(_Section):
+    model_config = ConfigDict(extra="allow")  # the other keys go to the Optuna pruner
+    type: Literal[PRUNERS] = "median"
+
+
+class BudgetSpec(_Section):
+    trials: int = Field(40, gt=0)
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class ResourcesSpec(_Section):
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: Union[Literal["auto"], float] = "auto"
+    max_concurrent: Union[Literal["auto"], int] = "auto"
+    address: str | None = None
+    max_failures: int = Field(2, ge=0)  # worker crashes retried from the last checkpoint
+
+
+class TrackingSpec(_Section):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifacts: str = "mlruns/artifacts"
+    optuna_storage: str = "sqlite:///mlruns/optuna.db"
+    register_best: bool = True
+
+
+class StudySpec(_Section):
+    """A validated study. Frozen; derive per-trial configs with `trial_config`."""
+
+    name: str = Field(min_length=1)
+    seed: int = 42
+    data: DataSpec
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    search: dict[str, SearchDim]
+    objective: Union[ObjectiveSpec, list[ObjectiveSpec]]
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec(n_startup_trials=5, n_warmup_steps=2)
+    budget: BudgetSpec = BudgetSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    trainable: str | None = None
+
+    _path: Path | None = PrivateAttr(default=None)
+    _text: str = PrivateAttr(default="")
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def objectives(self) -> tuple[ObjectiveSpec, ...]:
+        return tuple(self.objective) if isinstance(self.objective, list) else (self.objective,)
+
+    @property
+    def path(self) -> Path | None:
+        """The study file, if loaded from one."""
+        return self._path
+
+    @property
+    def source_text(self) -> str:
+        """The study file's text as the user wrote it (before overrides)."""
+        return self._text
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return self._overrides
+
+    @property
+    def slug(self) -> str:
+        """The name made safe for file and folder names (a name like `../../x` cannot escape)."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name).strip(".-") or "study"
+
+    def fixed_value(self, path: str) -> Any:
+        """The configured (non-searched) value at a dotted config path, or None."""
+        node: Any = self
+        for part in path.split("."):
+            if not isinstance(node, BaseModel):
+                return None
+            node = getattr(node, part) if part in type(node).model_fields else (node.model_extra or {}).get(part)
+        return node
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
+    """Read, override and validate a study file; raise SpecError with every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError([f"{path}: no such study file"]) from None
+    except OSError as err:
+        raise SpecError([f"{path}: cannot read the study file ({err.strerror})"]) from None
+    raw = parse_yaml(text, str(path))
+    spec = spec_from_dict(raw, overrides, source=str(path))
+    spec._path = path.resolve()
+    spec._text = text
+    return spec
+
+
+def parse_yaml(text: str, source: str = "<study>") -> dict:
+    """Safe-load YAML (no object tags, duplicate keys rejected) with line/column in errors."""
+    try:
+        raw = yaml.load(text, Loader=_StudyLoader)  # noqa: S506 - _StudyLoader is a SafeLoader
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        what = " ".join(str(p) for p in (err.context, err.problem) if p)
+        raise SpecError([f"{where}: YAML syntax error: {what}"]) from None
+    except yaml.YAMLError as err:
+        raise SpecError([f"{source}: YAML error: {err}"]) from None
+    if raw is None:
+        raise SpecError([f"{source}: the study file is empty"])
+    if not isinstance(raw, dict):
+        raise SpecError([f"{source}: a study file is a mapping of keys (got {type(raw).__name__})"])
+    return raw
+
+
+def spec_from_dict(
+    raw: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "<study>"
+) -> StudySpec:
+    """Validate a study given as a dict (the YAML document), after `--set` overrides."""
+    problems: list[str] = []
+    raw = _apply_overrides(raw, overrides, problems)
+    _check_unknown_keys(raw, problems)
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as err:
+        problems += [_format_pydantic(e) for e in _relevant_errors(err.errors())]
+        problems += _check_search(raw, None)
+        problems += _check_optuna_sections(raw)
+        raise SpecError(_dedupe(problems)) from None
+    problems += _check_search(raw, spec)
+    problems += _check_rest(spec)
+    if problems:
+        raise SpecError(_dedupe(problems))
+    spec._overrides = tuple(overrides)
+    return spec
+
+
+class _StudyLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.2) and rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+_StudyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], problems: list[str]) -> dict:
+    """Apply `PATH=VALUE` overrides (VALUE parsed as YAML). Setting a searched key pins it."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        path = path.strip()
+        if not sep or not path:
+            problems.append(f"--set {item}: expected PATH=VALUE, e.g. train.epochs=3")
+            continue
+        try:
+            value = yaml.load(text, Loader=_StudyLoader) if text.strip() else None  # noqa: S506
+        except yaml.YAMLError as err:
+            problems.append(f"--set {path}: cannot parse the value {text!r} ({str(err).splitlines()[0]})")
+            continue
+        parts = path.split(".")
+        if parts[0] == "search" and len(parts) > 1:
+            _set_search(raw, parts[1:], value, item, problems)
+            continue
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(f"--set {path}: {'.'.join(parts[: i + 1])} is not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+            search = raw.get("search")
+            if isinstance(search, dict) and path in search:
+                del search[path]  # a value set on the command line is no longer searched
+    return raw
+
+
+_DIM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
+
+
+def _set_search(raw: dict, parts: list[str], value: Any, item: str, problems: list[str]) -> None:
+    search = raw.setdefault("search", {})
+    if not isinstance(search, dict):
+        problems.append(f"--set {item}: search is not a mapping")
+        return
+    # The search key is itself dotted ("train.lr"); a trailing dim key sets one field of it.
+    if len(parts) > 1 and parts[-1] in _DIM_KEYS and ".".join(parts[:-1]) in search:
+        dim = search[".".join(parts[:-1])]
+        if isinstance(dim, dict):
+            dim[parts[-1]] = value
+            return
+    search[".".join(parts)] = value
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _model_for(section_model: type[BaseModel], key: str) -> type[BaseModel] | None:
+    field = section_model.model_fields.get(key)
+    if field is None:
+        return None
+    ann = field.annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _check_unknown_keys(raw: dict, problems: list[str]) -> None:
+    """Unknown keys anywhere, with a "did you mean"; extra keys of custom sections are kept."""
+    _walk_unknown(raw, StudySpec, "", problems)
+
+
+def _walk_unknown(node: Any, model: type[BaseModel], prefix: str, problems: list[str]) -> None:
+    if not isinstance(node, dict):
+        return
+    fields = list(model.model_fields)
+    passthrough = _allows_extra(model, node)
+    for key in list(node):
+        path = f"{prefix}{key}"
+        if key not in model.model_fields:
+            if passthrough:
+                continue
+            hint = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            problems.append(
+                f"{path}: unknown key"
+                + (f" (did you mean {hint[0]}?)" if hint else f"; known keys: {', '.join(fields)}")
+            )
+            del node[key]
+            continue
+        sub = _model_for(model, key)
+        if sub is not None:
+            _walk_unknown(node[key], sub, f"{path}.", problems)
+
+
+def _allows_extra(model: type[BaseModel], node: dict) -> bool:
+    if model is DataSpec:
+        return node.get("dataset") == "custom"
+    if model is ModelSpec:
+        return node.get("kind") == "custom"
+    return model in (SamplerSpec, PrunerSpec)  # checked against the Optuna constructor later
+
+
+_FRIENDLY = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "missing": "is required",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "string_too_short": "must not be empty",
+    "union_tag_not_found": "needs a `type`: float, int or categorical",
+    "union_tag_invalid": "`type` must be one of float, int, categorical",
+}
+
+
+def _relevant_errors(errors: list[dict]) -> list[dict]:
+    """Drop a union's "wrong shape" complaints when another member explains the real problem.
+
+    `objective: {metric: x, direction: max}` fails both as a mapping (bad direction) and
+    as a list; only the first is worth saying.
+    """
+    shape = {"list_type", "dict_type", "model_type", "model_attributes_type"}
+    out = []
+    for e in errors:
+        root = e["loc"][:1]
+        if e["type"] in shape and any(o is not e and o["loc"][:1] == root and o["type"] not in shape for o in errors):
+            continue
+        out.append(e)
+    return out
+
+
+def _check_optuna_sections(raw: dict) -> list[str]:
+    """The sampler and pruner options, checked even when other sections are broken."""
+    from dlsearch.search import check_optuna_options
+
+    try:
+        sampler = SamplerSpec.model_validate(raw.get("sampler", {}))
+        pruner = PrunerSpec.model_validate(raw.get("pruner", {"n_startup_trials": 5, "n_warmup_steps": 2}))
+    except ValidationError:
+        return []  # already reported
+    return check_optuna_options(sampler, pruner)
+
+
+def _format_pydantic(err: dict) -> str:
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union["))]
+    # Union members appear in loc as their type names; keep only real keys.
+    loc = [p for p in loc if p not in ("float", "int", "categorical", "ObjectiveSpec", "list[ObjectiveSpec]",
+                                       "literal['auto']", "str", "bool", "none", "list[union[bool,int,float,str,none]]")]
+    path = ".".join(loc) or "study"
+    kind = err["type"]
+    ctx = err.get("ctx", {})
+    if kind == "literal_error":
+        allowed = re.findall(r"'([^']*)'", ctx.get("expected", ""))
+        got = err.get("input")
+        hint = difflib.get_close_matches(str(got), allowed, n=1, cutoff=0.6)
+        msg = f"must be one of {', '.join(allowed)}" + (f"; did you mean {hint[0]}?" if hint else "")
+    elif kind in _FRIENDLY:
+        msg = _FRIENDLY[kind].format(**{k: v for k, v in ctx.items()})
+    else:
+        msg = err["msg"][0].lower() + err["msg"][1:]
+    if kind == "missing":
+        return f"{path}: {msg}"
+    return f"{path}: {msg} (got {_show(err.get('input'))})"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict) and len(str(value)) > 60:
+        return "{...}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _dedupe(problems: list[str]) -> list[str]:
+    return list(dict.fromkeys(problems))
+
+
+def _field_info(path: str) -> tuple[type[BaseModel], str] | None:
+    """The section model and field name a dotted config path points at, or None."""
+    parts = path.split(".")
+    if parts[0] not in SEARCHABLE_SECTIONS or len(parts) < 2:
+        return None
+    model: type[BaseModel] = StudySpec
+    for part in parts[:-1]:
+        sub = _model_for(model, part)
+        if sub is None:
+            return None
+        model = sub
+    return (model, parts[-1]) if parts[-1] in model.model_fields else None
+
+
+def _path_exists(path: str, raw: dict) -> bool:
+    if _field_info(path) is not None:
+        return True
+    parts = path.split(".")
+    if len(parts) == 2 and parts[0] in ("data", "model"):
+        section = raw.get(parts[0])
+        custom = isinstance(section, dict) and section.get(
+            "dataset" if parts[0] == "data" else "kind"
+        ) == "custom"
+        return custom  # a custom section's own keys are searchable by their path
+    return False
+
+
+def _all_paths() -> list[str]:
+    out = []
+    for section in SEARCHABLE_SECTIONS:
+        model = _model_for(StudySpec, section)
+        for name in model.model_fields:
+            sub = _model_for(model, name)
+            if sub:
+                out += [f"{section}.{name}.{n}" for n in sub.model_fields]
+            else:
+                out.append(f"{section}.{name}")
+    return out
+
+
+def _check_search(raw: dict, spec: StudySpec | None) -> list[str]:
+    """Rules a search dimension must obey beyond its types, and that its values fit the key."""
+    problems: list[str] = []
+    search = raw.get("search")
+    if not isinstance(search, dict):
+        return problems
+    adapter = TypeAdapter(SearchDim)
+    dims: dict[str, Any] = {}
+    for key, dim_raw in search.items():
+        where = f"search.{key}"
+        if not _path_exists(str(key), raw):
+            hint = difflib.get_close_matches(str(key), _all_paths(), n=1, cutoff=0.6)
+            problems.append(
+                f"{where}: points at nothing; a search key is a dotted path into data, model or train"
+                + (f" (did you mean {hint[0]}?)" if hint else "")
+            )
+            continue
+        try:
+            dim = adapter.validate_python(dim_raw)
+        except ValidationError:
+            continue  # already reported by the whole-study validation
+        dims[key] = dim
+        rules = _dim_rules(where, dim)
+        said = {line.split(":")[0] for line in rules}
+        problems += rules + [p for p in _dim_fits_field(where, key, dim, raw) if p.split(":")[0] not in said]
+    for key, dim in dims.items():
+        for cond_path, cond in (dim.when or {}).items():
+            where = f"search.{key}.when.{cond_path}"
+            if cond_path == key:
+                problems.append(f"{where}: a dimension cannot depend on itself")
+            elif cond_path not in search and not _path_exists(cond_path, raw):
+                problems.append(f"{where}: points at nothing; a condition names a search key or config path")
+            elif cond_path in dims:
+                values = cond if isinstance(cond, list) else [cond]
+                problems += [f"{where}: {v!r} is never sampled by search.{cond_path}"
+                             for v in values if not _dim_can_take(dims[cond_path], v)]
+    return problems
+
+
+def _dim_rules(where: str, dim: Any) -> list[str]:
+    out = []
+    if isinstance(dim, CategoricalDim):
+        if not dim.choices:
+            out.append(f"{where}.choices: must not be empty (got [])")
+        elif len(set(map(repr, dim.choices))) != len(dim.choices):
+            out.append(f"{where}.choices: has duplicates (got {dim.choices})")
+        return out
+    if not all(math.isfinite(v) for v in (dim.low, dim.high)):
+        return [f"{where}: low and high must be finite (got low={dim.low}, high={dim.high})"]
+    if dim.low > dim.high:
+        out.append(f"{where}: `low <= high` must hold (got low={dim.low}, high={dim.high})")
+    if dim.log and dim.low <= 0:
+        out.append(f"{where}.low: must be > 0 when log is true (got {dim.low})")
+    if dim.step is not None:
+        if dim.step <= 0:
+            out.append(f"{where}.step: must be > 0 (got {dim.step})")
+        elif dim.log and (dim.step != 1 or isinstance(dim, FloatDim)):
+            out.append(f"{where}.step: cannot be combined with log: true (got {dim.step})")
+        elif dim.low <= dim.high:
+            n = (dim.high - dim.low) / dim.step
+            if abs(n - round(n)) > 1e-8:
+                out.append(f"{where}.step: must divide high - low = {dim.high - dim.low:g} (got {dim.step})")
+    return out
+
+
+def _dim_fits_field(where: str, key: str, dim: Any, raw: dict) -> list[str]:
+    """Each value the dimension can take must be valid for the key it sets."""
+    import copy
+
+    info = _field_info(key)
+    if info is None:
+        return []  # a custom section's own key: any value goes to the user's code
+    model, field = info
+    if isinstance(dim, FloatDim) and _is_int_field(model.model_fields[field].annotation):
+        return [f"{where}.type: {key} holds an integer; use type: int (got float)"]
+    if isinstance(dim, CategoricalDim):
+        probes = [(f"{where}.choices[{i}]", v) for i, v in enumerate(dim.choices)]
+    else:
+        probes = [(f"{where}.low", dim.low), (f"{where}.high", dim.high)]
+    section, *inner = key.split(".")
+    base = raw.get(section) if isinstance(raw.get(section), dict) else {}
+    out = []
+    for probe_where, value in probes:
+        trial = copy.deepcopy(base)
+        node = trial
+        for part in inner[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[inner[-1]] = value
+        try:
+            _model_for(StudySpec, section).model_validate(trial)
+        except ValidationError as err:
+            for e in err.errors():
+                if [str(p) for p in e["loc"][: len(inner)]] == inner:
+                    out.append(f"{probe_where}: " + _format_pydantic({**e, "loc": ()}).split(": ", 1)[1])
+    return out
+
+
+def _is_int_field(ann: Any) -> bool:
+    if ann is int:
+        return True
+    return get_origin(ann) is Union and int in get_args(ann) and float not in get_args(ann)
+
+
+def _dim_can_take(dim: Any, value: Any) -> bool:
+    if isinstance(dim, CategoricalDim):
+        return any(value == c and type(value) is type(c) for c in dim.choices)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and dim.low <= value <= dim.high
+
+
+def _check_rest(spec: StudySpec) -> list[str]:
+    out: list[str] = []
+    objectives = spec.objectives
+    if not objectives:
+        out.append("objective: needs at least one {metric, direction}")
+    if spec.trainable is None:
+        for i, obj in enumerate(objectives):
+            if obj.metric not in REPORTED_METRICS:
+                where = "objective.metric" if len(objectives) == 1 else f"objective[{i}].metric"
+                hint = difflib.get_close_matches(obj.metric, REPORTED_METRICS, n=1, cutoff=0.5)
+                out.append(
+                    f"{where}: the trial never reports {obj.metric!r}; it reports {', '.join(REPORTED_METRICS)}"
+                    + (f" (did you mean {hint[0]}?)" if hint else "")
+                )
+    if len(objectives) > 1 and spec.pruner.type != "none":
+        out.append(f"pruner.type: pruning needs a single objective; use none with {len(objectives)} objectives "
+                   f"(got {spec.pruner.type})")
+    if len(objectives) > 1 and spec.sampler.type in ("cmaes", "gp", "grid") and spec.sampler.type != "grid":
+        out.append(f"sampler.type: {spec.sampler.type} optimizes a single objective (got {len(objectives)} objectives)")
+    if spec.model.kind == "cnn" and spec.data.dataset not in IMAGE_DATASETS + ("custom",):
+        out.append(f"model.kind: cnn needs image data; dataset {spec.data.dataset} gives flat features (got cnn)")
+    if spec.data.dataset == "csv" and not spec.data.path:
+        out.append("data.path: is required for dataset csv (the CSV file)")
+    if spec.data.dataset == "custom" and not spec.data.factory:
+        out.append("data.factory: is required for dataset custom (\"package.module:function\")")
+    if spec.model.kind == "custom" and not spec.model.factory:
+        out.append("model.factory: is required for kind custom (\"package.module:function\")")
+    if spec.model.kind == "cnn" and spec.model.kernel_size % 2 == 0:
+        out.append(f"model.kernel_size: must be odd so that convolutions keep the image size (got {spec.model.kernel_size})")
+    gpus = spec.resources.gpus_per_trial
+    if gpus != "auto" and gpus < 0:
+        out.append(f"resources.gpus_per_trial: must be >= 0 or auto (got {gpus})")
+    mc = spec.resources.max_concurrent
+    if mc != "auto" and mc < 1:
+        out.append(f"resources.max_concurrent: must be >= 1 or auto (got {mc})")
+    if spec.sampler.type == "grid":
+        for key, dim in spec.search.items():
+            if isinstance(dim, FloatDim) and dim.step is None:
+                out.append(f"search.{key}.step: the grid sampler needs every float dimension stepped "
+                           "(or categorical)")
+    from dlsearch.search import check_optuna_options  # Optuna lives in dlsearch.search
+
+    out += check_optuna_options(spec.sampler, spec.pruner)
+    return out

@@ -1,0 +1,204 @@
+"""MLflow: one experiment per study, one parent run per study version, one child run per trial.
+
+Only the driver process writes here (SQLite has one writer at a time), fed by
+what trials report. Per-epoch metrics are buffered and written with
+`log_batch` (one ~70 ms call instead of ~3.5 ms per value).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from dlsearch.config import TrialConfig
+from dlsearch.spec import StudySpec
+
+# Trial state -> MLflow run status. PRUNED is a normal end (Optuna counts it finished too).
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
+_FLUSH_EVERY_S = 10.0
+_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+class MlflowTracker:
+    """Writes a study to MLflow. `open()` first; then per trial `start`, `log_epoch`, `end`."""
+
+    def __init__(self, spec: StudySpec, version: str):
+        self.spec = spec
+        self.version = version  # the Optuna study name of this version of the study
+        self.client = MlflowClient(tracking_uri=tracking_uri(spec.tracking.uri))
+        self.experiment_id = ""
+        self.parent_run_id = ""
+        self._buffer: dict[str, list[Metric]] = {}
+        self._last_flush = time.monotonic()
+
+    # ------------------------------------------------------------ study
+
+    def find_parent(self) -> Any:
+        """This version's parent run, or None (read-only: creates nothing)."""
+        experiment = self.client.get_experiment_by_name(self.spec.name)
+        if experiment is None:
+            return None
+        found = self.client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`dlsearch.role` = 'parent' and tags.`dlsearch.version` = '{_quote(self.version)}'",
+            max_results=1,
+        )
+        return found[0] if found else None
+
+    def open(self) -> str:
+        """Get or create the experiment and this version's parent run (kept across resumes)."""
+        experiment = self.client.get_experiment_by_name(self.spec.name)
+        if experiment is None:
+            location = Path(self.spec.tracking.artifacts).resolve() / self.spec.slug
+            self.experiment_id = self.client.create_experiment(
+                self.spec.name, artifact_location=location.as_uri(), tags={"dlsearch.study": self.spec.name}
+            )
+        else:
+            self.experiment_id = experiment.experiment_id
+            if experiment.lifecycle_stage == "deleted":
+                self.client.restore_experiment(self.experiment_id)
+        found = self.find_parent()
+        if found is not None:
+            self.parent_run_id = found.info.run_id
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id, run_name=self.version,
+                tags={"dlsearch.role": "parent", "dlsearch.version": self.version, "dlsearch.study": self.spec.name},
+            )
+            self.parent_run_id = run.info.run_id
+            if self.spec.source_text:
+                self.client.log_text(self.parent_run_id, self.spec.source_text, "study.yaml")
+            self.client.log_dict(self.parent_run_id, self.spec.model_dump(mode="json"), "resolved_spec.yaml")
+        return self.parent_run_id
+
+    def close_stale_children(self) -> int:
+        """Child runs left RUNNING by a killed driver become KILLED; returns how many."""
+        stale = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
+        )
+        for run in stale:
+            self.client.set_tag(run.info.run_id, "dlsearch.state", "INTERRUPTED")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+        return len(stale)
+
+    def log_best(self, value: float, n_finished: int) -> None:
+        """The study's best value so far, one point per finished trial."""
+        self.client.log_batch(self.parent_run_id, metrics=[Metric("best_value", value, _now_ms(), n_finished)])
+
+    def finish_study(self, artifacts_dir: Path | None, status: str = "FINISHED") -> None:
+        self.flush()
+        if artifacts_dir is not None and artifacts_dir.exists():
+            self.client.log_artifacts(self.parent_run_id, str(artifacts_dir))
+        self.client.set_terminated(self.parent_run_id, status=status)
+
+    # ------------------------------------------------------------ trials
+
+    def start(self, cfg: TrialConfig) -> str:
+        """A child run for the trial, with its full configuration as params and artifact."""
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{cfg.number}",
+            tags={
+                "mlflow.parentRunId": self.parent_run_id,
+                "dlsearch.trial_number": str(cfg.number),
+                "dlsearch.study": self.spec.name,
+                "dlsearch.version": self.version,
+                "dlsearch.state": "RUNNING",
+            },
+        )
+        run_id = run.info.run_id
+        params = [Param(k, _param_value(v)) for k, v in cfg.flat().items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per call
+            self.client.log_batch(run_id, params=params[i : i + 100])
+        self.client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+        return run_id
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Buffer one epoch's metrics (step = epoch); written in batches."""
+        ts = _now_ms()
+        self._buffer.setdefault(run_id, []).extend(
+            Metric(k, float(v), ts, epoch) for k, v in metrics.items() if isinstance(v, (int, float))
+        )
+        if time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self, run_id: str | None = None) -> None:
+        run_ids = [run_id] if run_id else list(self._buffer)
+        for rid in run_ids:
+            metrics = self._buffer.pop(rid, [])
+            for i in range(0, len(metrics), _BATCH):
+                self.client.log_batch(rid, metrics=metrics[i : i + _BATCH])
+        self._last_flush = time.monotonic()
+
+    def end(
+        self, run_id: str, state: str, *, fail_reason: str = "", final: Mapping[str, Any] | None = None,
+        checkpoint_dir: str | None = None, node: str | None = None,
+    ) -> None:
+        """Close a child run: curves flushed, test metrics, state tag, best checkpoint, status."""
+        self.flush(run_id)
+        final = final or {}
+        epochs_run = int(final.get("epochs_run") or 0)
+        metrics = [Metric(k, float(final[k]), _now_ms(), epochs_run)
+                   for k in ("test_loss", "test_accuracy") if final.get(k) is not None]
+        tags = [RunTag("dlsearch.state", state)]
+        if fail_reason:
+            tags.append(RunTag("dlsearch.fail_reason", fail_reason[:5000]))
+        if node:
+            tags.append(RunTag("dlsearch.node", node))
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        if checkpoint_dir and Path(checkpoint_dir).is_dir():
+            self.client.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
+        self.client.set_terminated(run_id, status=RUN_STATUS[state])
+
+    def register_best(self, run_id: str, model: Any, input_example: Any) -> str | None:
+        """Log the best trial's model and register it under the study name with alias `best`.
+
+        `input_example` (a small numpy batch) lets MLflow trace the model and record its signature.
+        """
+        import mlflow
+
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model.eval(), name="model", registered_model_name=self.spec.name, input_example=input_example,
+                pip_requirements=["torch"],  # skips MLflow's slow requirement inference in a subprocess
+            )
+        version = info.registered_model_version
+        if version is None:
+            return None
+        self.client.set_registered_model_alias(self.spec.name, "best", str(version))
+        return str(version)
+
+
+def tracking_uri(uri: str) -> str:
+    """The tracking URI with a relative SQLite or file path made absolute (against the cwd)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///"):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+def node_name() -> str:
+    return os.environ.get("RAY_NODE_NAME") or socket.gethostname()
+
+
+def _param_value(value: Any) -> str:
+    return str(value)[:6000]  # MLflow's limit on a param value
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

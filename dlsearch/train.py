@@ -1,0 +1,314 @@
+"""The training loop of one trial: pure torch, readable top to bottom.
+
+`train_trial(cfg, data, report)` trains the configured model, calls
+`report(epoch, metrics)` once per epoch (epochs count from 1, the same step
+Optuna's pruners and MLflow's curves use), stops early when the objective
+stops improving, keeps the best weights, and evaluates them on the test split.
+The report callable may raise `TrialPruned` to stop the trial; it propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlsearch.config import TrialConfig
+from dlsearch.data import DataBundle
+from dlsearch.models import build_model
+
+
+class TrialPruned(Exception):
+    """Raised by a report callable when the trial should stop (pruned by the scheduler)."""
+
+
+class Report(Protocol):
+    """What the loop calls once per epoch; `checkpoint` comes every `train.checkpoint_every` epochs."""
+
+    def __call__(self, epoch: int, metrics: Mapping[str, float], checkpoint: dict | None = None) -> None: ...
+
+
+@dataclass
+class TrialResult:
+    """How one trial ended. `best_state` holds the best epoch's weights (on the CPU)."""
+
+    state: str  # COMPLETE | FAIL
+    epochs_run: int
+    best_epoch: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    epoch_time_s: float | None = None  # median over epochs
+    fail_reason: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: what `dlsearch train --json` prints."""
+        return {
+            "state": self.state,
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics,
+            "test_accuracy": self.test_accuracy,
+            "test_loss": self.test_loss,
+            "epoch_time_s": self.epoch_time_s,
+            "fail_reason": self.fail_reason,
+        }
+
+
+def train_trial(
+    cfg: TrialConfig,
+    data: DataBundle,
+    report: Report | None = None,
+    *,
+    resume: Mapping[str, Any] | None = None,
+) -> TrialResult:
+    """Train one trial. `resume` is a checkpoint dict given earlier to `report`."""
+    t = cfg.train
+    device = resolve_device(t.device)
+    data = data.to(device)
+    torch.manual_seed(cfg.seed)  # init, dropout
+    shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    model = build_model(cfg.model, data.input_shape, data.n_classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(t.optimizer, params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    n_train = len(data.y_train)
+    steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size > 1))
+    scheduler = make_scheduler(t, optimizer, steps_per_epoch)
+    # bf16 autocast halves activation memory and speeds up matmuls on CUDA; CPU stays fp32.
+    use_bf16 = t.precision == "bf16" and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    metric, maximize = cfg.objective.metric, cfg.objective.direction == "maximize"
+    state = _LoopState()
+    if resume is not None:
+        state = _restore(resume, model, optimizer, scheduler, shuffle)
+
+    for epoch in range(state.epoch + 1, t.epochs + 1):
+        start = time.perf_counter()
+        lr_now = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = _train_epoch(
+            model, optimizer, scheduler, data.x_train, data.y_train, t.batch_size, t.grad_clip, shuffle, autocast
+        )
+        val_loss, val_acc = evaluate(model, data.x_val, data.y_val, autocast)
+        metrics = {
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": lr_now,
+            "epoch_time_s": time.perf_counter() - start,
+            "generalization_gap": val_loss - train_loss,
+        }
+        state.history.append(metrics)
+        state.epoch = epoch
+        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
+        if bad:
+            reason = f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch} (lr {t.lr:g}): the loss diverged"
+            return _finish(state, model, data, autocast, "FAIL", reason)
+
+        value = metrics[metric]
+        if state.best_value is None or _improved(value, state.best_value, t.early_stopping.min_delta, maximize):
+            state.best_value, state.best_epoch, state.bad_epochs = value, epoch, 0
+            state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            state.bad_epochs += 1
+
+        if report is not None:
+            if epoch % t.checkpoint_every == 0:
+                report(epoch, metrics, checkpoint=_checkpoint(state, model, optimizer, scheduler, shuffle))
+            else:
+                report(epoch, metrics)
+        if state.bad_epochs >= t.early_stopping.patience:
+            break  # early stopping: the best weights are restored below
+
+    return _finish(state, model, data, autocast, "COMPLETE", None)
+
+
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Callable = contextlib.nullcontext,
+    batch_size: int = 4096,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on (x, y), in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    with torch.no_grad(), autocast():
+        for i in range(0, len(y), batch_size):
+            logits = model(x[i : i + batch_size]).float()
+            loss_sum += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum")
+            correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
+    model.train(was_training)
+    n = max(1, len(y))
+    return loss_sum.item() / n, correct.item() / n
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def make_optimizer(
+    name: str, params: list[nn.Parameter], *, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """sgd and rmsprop use momentum; adamw decouples weight decay, the others add it to the gradient (L2)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def make_scheduler(t: Any, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule, stepped once per batch so every schedule is smooth."""
+    total = t.epochs * steps_per_epoch
+    if t.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t, steps_per_epoch))
+
+
+def lr_factor(t: Any, steps_per_epoch: int) -> Callable[[int], float]:
+    """The multiplier of `train.lr` at optimizer step s (0-based) for the non-onecycle schedules."""
+    total = t.epochs * steps_per_epoch
+    if t.schedule == "constant":
+        return lambda s: 1.0
+    if t.schedule == "step":
+        every = t.step_epochs * steps_per_epoch
+        return lambda s: t.step_gamma ** (s // every)
+    if t.schedule == "cosine":
+        return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    warmup = max(1, round(t.warmup_epochs * steps_per_epoch))  # warmup_cosine
+    return lambda s: (s + 1) / warmup if s < warmup else 0.5 * (
+        1 + math.cos(math.pi * min(s - warmup, total - warmup) / max(1, total - warmup))
+    )
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass
+class _LoopState:
+    epoch: int = 0
+    best_value: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    grad_clip: float,
+    shuffle: torch.Generator,
+    autocast: Callable,
+) -> tuple[float, float]:
+    """One pass over the training split in index batches; mean loss and accuracy while training."""
+    model.train()
+    n = len(y)
+    perm = torch.randperm(n, device=x.device, generator=shuffle)
+    # Sums stay on the device: one sync per epoch instead of one per batch.
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    seen = 0
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i in range(0, n, batch_size):
+        idx = perm[i : i + batch_size]
+        if len(idx) < 2:
+            continue  # a batch of one breaks batch norm and teaches nothing
+        xb, yb = x[idx], y[idx]
+        with autocast():
+            logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += len(idx)
+    seen = max(1, seen)
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+def _improved(value: float, best: float, min_delta: float, maximize: bool) -> bool:
+    return value > best + min_delta if maximize else value < best - min_delta
+
+
+def _finish(
+    state: _LoopState, model: nn.Module, data: DataBundle, autocast: Callable, status: str, reason: str | None
+) -> TrialResult:
+    """Restore the best weights and evaluate them on the test split."""
+    result = TrialResult(
+        state=status,
+        epochs_run=state.epoch,
+        best_epoch=state.best_epoch,
+        best_metrics=dict(state.history[state.best_epoch - 1]) if state.best_epoch else {},
+        epoch_time_s=statistics.median(h["epoch_time_s"] for h in state.history) if state.history else None,
+        fail_reason=reason,
+        history=state.history,
+        best_state=state.best_state,
+    )
+    if status == "COMPLETE" and state.best_state is not None:
+        model.load_state_dict(state.best_state)
+        result.test_loss, result.test_accuracy = evaluate(model, data.x_test, data.y_test, autocast)
+    return result
+
+
+def _checkpoint(
+    state: _LoopState, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, shuffle: torch.Generator,
+) -> dict[str, Any]:
+    return {
+        "epoch": state.epoch,
+        "best_value": state.best_value,
+        "best_epoch": state.best_epoch,
+        "bad_epochs": state.bad_epochs,
+        "best_state": state.best_state,
+        "history": list(state.history),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "shuffle_rng": shuffle.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def _restore(
+    ckpt: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, shuffle: torch.Generator,
+) -> _LoopState:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    shuffle.set_state(ckpt["shuffle_rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return _LoopState(
+        epoch=ckpt["epoch"],
+        best_value=ckpt["best_value"],
+        best_epoch=ckpt["best_epoch"],
+        bad_epochs=ckpt["bad_epochs"],
+        best_state=ckpt["best_state"],
+        history=list(ckpt["history"]),
+    )
