@@ -267,8 +267,7 @@ def report(study: str, overrides: tuple[str, ...], top: int | None, fmt: str, as
     from dlsearch.leaderboard import importances, leaderboard, load_study
     from dlsearch.spec import load_spec
 
-    spec = load_spec(study, overrides)
-    optuna_study = _load_or_fail(load_study, spec)
+    spec, optuna_study = _study_as_run(study, overrides, load_spec, load_study)
     table = leaderboard(optuna_study)
     if top:
         table = table.head(top)
@@ -308,8 +307,7 @@ def best(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
     from dlsearch.leaderboard import best_config, load_study
     from dlsearch.spec import load_spec
 
-    spec = load_spec(study, overrides)
-    optuna_study = _load_or_fail(load_study, spec)
+    spec, optuna_study = _study_as_run(study, overrides, load_spec, load_study)
     try:
         found = best_config(spec, optuna_study)
     except ValueError:
@@ -347,11 +345,17 @@ def ui(study: str | None, port: int, host: str, uri: str | None) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
-def _load_or_fail(load: Callable, spec: Any) -> Any:
+def _study_as_run(study: str, overrides: tuple[str, ...], load_spec: Callable, load_study: Callable) -> tuple:
+    """The spec with the `--set` overrides the study was run with (then these), and its Optuna study."""
+    spec = load_spec(study, overrides)
     try:
-        return load(spec)
+        optuna_study = load_study(spec)
     except KeyError as err:
         raise RunFailed(str(err.args[0])) from None
+    stored = tuple(optuna_study.user_attrs.get("overrides", ()))
+    if stored:
+        spec = load_spec(study, stored + tuple(overrides))
+    return spec, optuna_study
 
 
 def _plot_paths(spec: Any, optuna_study: Any) -> list[str]:
@@ -380,11 +384,10 @@ def _has_tabulate() -> bool:
 
 
 def _print_table(table: Any, title: str) -> None:
-    from rich.table import Table
-
-    out = Table(title=title, title_justify="left")
-    for column in table.columns:
-        out.add_column(str(column).removeprefix("params."), justify="right" if column != "state" else "left")
-    for row in table.itertuples(index=False):
-        out.add_row(*("" if v is None or v != v else f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
-    Console(highlight=False, soft_wrap=True).print(out)
+    """The leaderboard as aligned text; params lose their `params.` prefix, floats get 4 digits."""
+    shown = table.rename(columns=lambda c: str(c).removeprefix("params."))
+    reasons = shown.pop("fail_reason") if "fail_reason" in shown else None
+    if reasons is not None and reasons.astype(bool).any():
+        shown["fail_reason"] = reasons  # last: it is the widest column
+    click.echo(title)
+    click.echo(shown.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))

@@ -104,6 +104,7 @@ def run_study(
         storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec), study_name=version,
         directions=directions(spec), load_if_exists=True,
     )
+    study.set_user_attr("overrides", list(spec.overrides))  # `report` and `best` resolve configs the same way
     n_reopened = _close_interrupted(study)
     tracker = MlflowTracker(spec, version)
     tracker.open()
@@ -180,7 +181,8 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
             ),
             run_config=tune.RunConfig(
                 name=f"{spec.slug}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(Path("mlruns/ray").resolve()),
+                # Beside the artifacts: mlruns/ray for the default store.
+                storage_path=str(Path(spec.tracking.artifacts).resolve().parent / "ray"),
                 verbose=0,
                 callbacks=[_DriverCallback(driver)],
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),

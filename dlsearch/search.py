@@ -84,7 +84,9 @@ def grid_space(spec: StudySpec) -> dict[str, list[Any]]:
             space[key] = list(range(dim.low, dim.high + 1, dim.step))
         elif dim.step is not None:
             n = int(round((dim.high - dim.low) / dim.step))
-            space[key] = [dim.low + i * dim.step for i in range(n + 1)]
+            # 15 significant digits drop float noise (0.1 * 3 = 0.30000000000000004), which Optuna
+            # would see as out of range; the last point is `high` itself.
+            space[key] = [float(f"{dim.low + i * dim.step:.15g}") for i in range(n)] + [dim.high]
     return space
 
 
@@ -97,11 +99,21 @@ def check_optuna_options(sampler: SamplerSpec, pruner: PrunerSpec) -> list[str]:
         try:
             cls(**kwargs)
         except Exception as err:  # noqa: BLE001 - Optuna's own message is the best explanation
-            problems.append(f"sampler: {err}")
+            # Name the key that caused it, as the pruner check does.
+            key = next((k for k in kwargs if not _constructs(cls, {k: kwargs[k]})), None)
+            problems.append(f"sampler.{key}: {err} (got {kwargs[key]!r})" if key else f"sampler: {err}")
     return problems + _check_pruner("pruner", pruner.type, dict(pruner.model_extra or {}))
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _constructs(cls: type, kwargs: dict[str, Any]) -> bool:
+    try:
+        cls(**kwargs)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def _pruner_from(kind: str, kwargs: dict[str, Any]) -> optuna.pruners.BasePruner:

@@ -268,6 +268,7 @@ def spec_from_dict(
         problems += [_format_pydantic(e) for e in _relevant_errors(err.errors())]
         problems += _check_search(raw, None)
         problems += _check_optuna_sections(raw)
+        problems += _check_objective_section(raw)
         raise SpecError(_dedupe(problems)) from None
     problems += _check_search(raw, spec)
     problems += _check_rest(spec)
@@ -638,20 +639,37 @@ def _dim_can_take(dim: Any, value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and dim.low <= value <= dim.high
 
 
+def _check_objective_section(raw: dict) -> list[str]:
+    """The objective's metrics, checked even when other sections are broken."""
+    if raw.get("trainable") is not None:
+        return []
+    try:
+        objective = TypeAdapter(Union[ObjectiveSpec, list[ObjectiveSpec]]).validate_python(raw.get("objective"))
+    except ValidationError:
+        return []  # already reported
+    return _unreported_metrics(tuple(objective) if isinstance(objective, list) else (objective,))
+
+
+def _unreported_metrics(objectives: tuple[ObjectiveSpec, ...]) -> list[str]:
+    out = []
+    for i, obj in enumerate(objectives):
+        if obj.metric not in REPORTED_METRICS:
+            where = "objective.metric" if len(objectives) == 1 else f"objective[{i}].metric"
+            hint = difflib.get_close_matches(obj.metric, REPORTED_METRICS, n=1, cutoff=0.5)
+            out.append(
+                f"{where}: the trial never reports {obj.metric!r}; it reports {', '.join(REPORTED_METRICS)}"
+                + (f" (did you mean {hint[0]}?)" if hint else "")
+            )
+    return out
+
+
 def _check_rest(spec: StudySpec) -> list[str]:
     out: list[str] = []
     objectives = spec.objectives
     if not objectives:
         out.append("objective: needs at least one {metric, direction}")
     if spec.trainable is None:
-        for i, obj in enumerate(objectives):
-            if obj.metric not in REPORTED_METRICS:
-                where = "objective.metric" if len(objectives) == 1 else f"objective[{i}].metric"
-                hint = difflib.get_close_matches(obj.metric, REPORTED_METRICS, n=1, cutoff=0.5)
-                out.append(
-                    f"{where}: the trial never reports {obj.metric!r}; it reports {', '.join(REPORTED_METRICS)}"
-                    + (f" (did you mean {hint[0]}?)" if hint else "")
-                )
+        out += _unreported_metrics(objectives)
     if len(objectives) > 1 and spec.pruner.type != "none":
         out.append(f"pruner.type: pruning needs a single objective; use none with {len(objectives)} objectives "
                    f"(got {spec.pruner.type})")
