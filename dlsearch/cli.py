@@ -45,6 +45,7 @@ def _handles_errors(f: Callable) -> Callable:
     @functools.wraps(f)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
         from dlsearch.data import DataError
+        from dlsearch.preflight import ServiceUnreachable, StudyBusy
         from dlsearch.spec import SpecError
 
         try:
@@ -58,9 +59,10 @@ def _handles_errors(f: Callable) -> Callable:
         except DataError as err:
             if debug:
                 raise
-            err_console.print(f"data: {err}", markup=False)
+            text = str(err)
+            err_console.print(text if text.startswith("data.") else f"data: {text}", markup=False)
             sys.exit(EXIT_INPUT)
-        except RunFailed as err:
+        except (RunFailed, ServiceUnreachable, StudyBusy) as err:
             if debug:
                 raise
             err_console.print(str(err), markup=False)

@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -20,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dlsearch.config import TrialConfig, trial_config
+from dlsearch.preflight import check_ray_address, check_stores, study_lock
 from dlsearch.search import directions, make_pruner, make_sampler, suggest
 from dlsearch.spec import StudySpec
 from dlsearch.tracker import MlflowTracker, node_name, tracking_uri
@@ -96,6 +98,19 @@ def run_study(
     """
     started = time.monotonic()
     _quiet_libraries()
+    address = address or spec.resources.address
+    check_stores(spec)  # before anything is created: a bad store leaves no trace
+    check_ray_address(address)
+    if spec.data.dataset != "custom":
+        from dlsearch.data import load_data
+
+        load_data(spec.data, spec.seed)  # missing or corrupt data fails here (DataError), not in every trial
+    with study_lock(spec):
+        return _run_locked(spec, started, trials, address, fresh, on_event or (lambda kind, info: None))
+
+
+def _run_locked(spec: StudySpec, started: float, trials: int | None, address: str | None, fresh: bool,
+                on_event: Callable[[str, Mapping[str, Any]], None]) -> StudySummary:
     storage = open_storage(spec)
     versions = study_versions(spec, storage)
     version = versions[-1] if versions and not fresh else (
@@ -108,10 +123,10 @@ def run_study(
     n_reopened = _close_interrupted(study)
     tracker = MlflowTracker(spec, version)
     tracker.open()
-    tracker.close_stale_children()
+    tracker.reconcile_children(_trial_outcomes(study))
     budget = trials or spec.budget.trials
     remaining = budget - len(_finished(study))
-    driver = _Driver(spec, study, tracker, on_event or (lambda kind, info: None))
+    driver = _Driver(spec, study, tracker, on_event)
     driver.emit("start", {"version": version, "budget": budget, "remaining": max(0, remaining),
                           "resumed": bool(versions) and not fresh, "fresh": fresh and bool(versions),
                           "reopened": n_reopened, "finished": len(_finished(study))})
@@ -147,7 +162,6 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
     from dlsearch.scheduler import OptunaPruningScheduler
     from dlsearch.trainable import FINAL, run_trial
 
-    address = address or spec.resources.address
     started_ray = not ray.is_initialized()
     if started_ray:
         if address:
@@ -205,6 +219,7 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
 def _quiet_libraries() -> None:
     """Optuna's and MLflow's info lines would interleave with the progress display."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -394,6 +409,9 @@ class _Driver:
             from dlsearch.trainable import BEST_FILE
 
             trial.set_user_attr("checkpoint", str(Path(checkpoint_dir) / BEST_FILE))
+        # Order matters for a driver killed at any moment: the curve is in MLflow before Optuna
+        # records the end, and a resume closes a child whose Optuna trial already ended.
+        self.tracker.flush(record.run_id)
         self.study.tell(trial, values=values if state == TrialState.COMPLETE else None, state=state)
         name = state.name
         self.tracker.end(record.run_id, name, fail_reason=reason, final=final,
@@ -425,6 +443,17 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return study.best_trial
     except ValueError:
         return None
+
+
+def _trial_outcomes(study: optuna.Study) -> dict[int, tuple[str, str, str | None]]:
+    """Trial number -> (state, fail reason, best-weights file) of every finished trial."""
+    out = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state.is_finished():
+            reason = str(t.user_attrs.get("fail_reason", ""))
+            state = "INTERRUPTED" if reason == INTERRUPTED else t.state.name
+            out[t.number] = (state, reason, t.user_attrs.get("checkpoint"))
+    return out
 
 
 def _close_interrupted(study: optuna.Study) -> int:

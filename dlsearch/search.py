@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from typing import Any
 
 import optuna
@@ -92,6 +93,12 @@ def grid_space(spec: StudySpec) -> dict[str, list[Any]]:
 
 def check_optuna_options(sampler: SamplerSpec, pruner: PrunerSpec) -> list[str]:
     """Problems with the sampler's and pruner's extra keys, as `sampler.KEY: ...` lines."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # building one is a check here
+        return _check_options(sampler, pruner)
+
+
+def _check_options(sampler: SamplerSpec, pruner: PrunerSpec) -> list[str]:
     kwargs = dict(sampler.model_extra or {})
     cls = getattr(optuna.samplers, _SAMPLERS[sampler.type])
     problems = _unknown_kwargs("sampler", sampler.type, cls, kwargs, _SAMPLER_OWN_KEYS)
@@ -172,7 +179,9 @@ def _unknown_kwargs(where: str, kind: str, cls: type, kwargs: dict[str, Any], ow
     ]
     out = []
     for key in kwargs:
-        if key not in params:
+        if key == "seed":
+            out.append(f"{where}.seed: dlsearch seeds the {where.split('.')[0]} from the study's `seed`; set that instead")
+        elif key not in params:
             hint = difflib.get_close_matches(key, params, n=1, cutoff=0.6)
             takes = f"it takes {', '.join(params)}" if params else "it takes no options"
             out.append(f"{where}.{key}: unknown option for the {kind} {where.split('.')[0]}; "

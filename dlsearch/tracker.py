@@ -79,15 +79,22 @@ class MlflowTracker:
             self.client.log_dict(self.parent_run_id, self.spec.model_dump(mode="json"), "resolved_spec.yaml")
         return self.parent_run_id
 
-    def close_stale_children(self) -> int:
-        """Child runs left RUNNING by a killed driver become KILLED; returns how many."""
+    def reconcile_children(self, outcomes: Mapping[int, tuple[str, str, str | None]]) -> int:
+        """Close child runs a killed driver left RUNNING; returns how many.
+
+        `outcomes` maps trial numbers to (state, fail reason, best-weights file) as Optuna
+        has them. A child whose trial ended gets that state (and its checkpoint); any
+        other was interrupted: KILLED, and its trial runs again.
+        """
         stale = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and attributes.status = 'RUNNING'",
         )
         for run in stale:
-            self.client.set_tag(run.info.run_id, "dlsearch.state", "INTERRUPTED")
-            self.client.set_terminated(run.info.run_id, status="KILLED")
+            number = int(run.data.tags.get("dlsearch.trial_number", -1))
+            state, reason, best_file = outcomes.get(number, ("INTERRUPTED", "interrupted", None))
+            folder = str(Path(best_file).parent) if best_file and Path(best_file).exists() else None
+            self.end(run.info.run_id, state, fail_reason=reason, checkpoint_dir=folder)
         return len(stale)
 
     def log_best(self, value: float, n_finished: int) -> None:

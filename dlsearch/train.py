@@ -10,6 +10,7 @@ The report callable may raise `TrialPruned` to stop the trial; it propagates.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import statistics
 import time
@@ -94,6 +95,10 @@ def train_trial(
         state = _restore(resume, model, optimizer, scheduler, shuffle)
 
     for epoch in range(state.epoch + 1, t.epochs + 1):
+        # Early stopping, checked before the epoch so that a trial resumed from the checkpoint of
+        # the epoch that stopped it stops there too; the best weights are restored below.
+        if state.bad_epochs >= t.early_stopping.patience:
+            break
         start = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = _train_epoch(
@@ -128,8 +133,6 @@ def train_trial(
                 report(epoch, metrics, checkpoint=_checkpoint(state, model, optimizer, scheduler, shuffle))
             else:
                 report(epoch, metrics)
-        if state.bad_epochs >= t.early_stopping.patience:
-            break  # early stopping: the best weights are restored below
 
     return _finish(state, model, data, autocast, "COMPLETE", None)
 
@@ -280,6 +283,10 @@ def _checkpoint(
     state: _LoopState, model: nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, shuffle: torch.Generator,
 ) -> dict[str, Any]:
+    # state_dict() tensors share storage with the live model and optimizer: copy them, so a
+    # checkpoint kept in memory still holds this epoch's state when training goes on.
+    live = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict()})
     return {
         "epoch": state.epoch,
         "best_value": state.best_value,
@@ -287,9 +294,7 @@ def _checkpoint(
         "bad_epochs": state.bad_epochs,
         "best_state": state.best_state,
         "history": list(state.history),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        **live,
         "shuffle_rng": shuffle.get_state(),
         "torch_rng": torch.get_rng_state(),
     }

@@ -1,0 +1,126 @@
+"""Checks made before a run creates anything: stores writable, services reachable, one driver per study.
+
+A problem found here leaves no trace: no experiment, no study in storage, no Ray.
+Folders that cannot be written are input problems (exit 2, `SpecError`); a
+service that does not answer is `ServiceUnreachable` (exit 1).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from dlsearch.spec import SpecError, StudySpec
+
+
+class ServiceUnreachable(Exception):
+    """A tracking server, database or Ray cluster that does not answer (exit 1)."""
+
+
+class StudyBusy(Exception):
+    """Another `dlsearch run` of the same study holds its lock (exit 1)."""
+
+
+def check_stores(spec: StudySpec) -> None:
+    """Every local store must be writable; every remote one must answer. Writes nothing."""
+    problems: list[str] = []
+    t = spec.tracking
+    for where, uri in (("tracking.uri", t.uri), ("tracking.optuna_storage", t.optuna_storage)):
+        path = sqlite_path(uri)
+        if path is not None:
+            problems += _writable(where, path)
+    problems += _writable("tracking.artifacts", Path(t.artifacts) / "x")
+    if problems:
+        raise SpecError(problems)
+    if t.uri.startswith(("http://", "https://")):
+        _check_http("tracking.uri", t.uri.rstrip("/") + "/health")
+    for where, uri in (("tracking.optuna_storage", t.optuna_storage),):
+        if sqlite_path(uri) is None:
+            _check_database(where, uri)
+
+
+def check_ray_address(address: str | None) -> None:
+    """A `host:port` or `ray://host:port` address must accept a connection."""
+    if not address or address in ("auto", "local"):
+        return
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as err:
+        raise ServiceUnreachable(f"resources.address: cannot reach the Ray cluster at {address} ({err})") from None
+
+
+@contextmanager
+def study_lock(spec: StudySpec) -> Iterator[None]:
+    """Hold an exclusive lock on the study while a driver runs it (released when the process dies)."""
+    folder = Path(spec.tracking.artifacts).resolve().parent / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{spec.slug}.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StudyBusy(
+                f"{spec.name}: another dlsearch run of this study is running (pid {holder}); "
+                "wait for it, or stop it and rerun to continue"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative to the cwd), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0]).resolve()
+
+
+def _writable(where: str, path: Path) -> list[str]:
+    if path.exists():
+        return [] if os.access(path, os.W_OK) else [f"{where}: cannot write {path} (permission denied)"]
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return [f"{where}: cannot create {path.parent}: {ancestor} is not a folder"]
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return [f"{where}: cannot create {path.parent}: {ancestor} is not writable (permission denied)"]
+    return []
+
+
+def _check_http(where: str, url: str) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=5):  # noqa: S310 - the user's own tracking server
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered; auth or routing is MLflow's business
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ServiceUnreachable(f"{where}: cannot reach {url.rsplit('/health', 1)[0]} ({reason})") from None
+
+
+def _check_database(where: str, uri: str) -> None:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, pool_pre_ping=True)
+        with engine.connect():
+            pass
+    except Exception as err:  # noqa: BLE001 - any driver error means unreachable here
+        raise ServiceUnreachable(f"{where}: cannot connect ({str(err).splitlines()[0][:200]})") from None
