@@ -36,6 +36,10 @@ def check_stores(spec: StudySpec) -> None:
         if path is not None:
             problems += _writable(where, path)
     problems += _writable("tracking.artifacts", Path(t.artifacts) / "x")
+    if t.register_best and any(c in spec.name for c in "/:"):
+        # MLflow's Model Registry rejects such names, and is reached only after every trial has run.
+        problems.append(f"name: the Model Registry cannot hold a model named {spec.name!r} (no '/' or ':'); "
+                        "rename the study or set tracking.register_best: false")
     if problems:
         raise SpecError(problems)
     if t.uri.startswith(("http://", "https://")):
@@ -60,7 +64,10 @@ def check_ray_address(address: str | None) -> None:
 
 @contextmanager
 def study_lock(spec: StudySpec) -> Iterator[None]:
-    """Hold an exclusive lock on the study while a driver runs it (released when the process dies)."""
+    """Hold an exclusive lock on the study while a driver runs it (released when the process dies).
+
+    Holding it, the stores exist: `create_stores` has made any new SQLite database.
+    """
     folder = Path(spec.tracking.artifacts).resolve().parent / ".locks"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{spec.slug}.lock"
@@ -79,9 +86,40 @@ def study_lock(spec: StudySpec) -> Iterator[None]:
         handle.write(str(os.getpid()))
         handle.flush()
         try:
+            create_stores(spec)
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def create_stores(spec: StudySpec) -> None:
+    """Create the study's SQLite stores if they are new, one process at a time.
+
+    Two drivers (of different studies) creating one fresh MLflow database at once break its
+    schema migration ("duplicate column name: step"); Optuna's tables race the same way.
+    The lock sits in a `.locks` folder beside each database, so any study sharing it waits.
+    """
+    from mlflow import MlflowClient
+
+    from dlsearch.runner import open_storage
+    from dlsearch.tracker import tracking_uri
+
+    t = spec.tracking
+    for uri, create in (
+        (t.uri, lambda: MlflowClient(tracking_uri=tracking_uri(t.uri))),  # its store is made on construction
+        (t.optuna_storage, lambda: open_storage(spec)),
+    ):
+        path = sqlite_path(uri)
+        if path is None:
+            continue  # a server or a database service creates its own schema
+        folder = path.parent / ".locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{path.name}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another driver creates it
+            try:
+                create()
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -129,6 +129,7 @@ def _run_locked(spec: StudySpec, started: float, trials: int | None, address: st
     driver = _Driver(spec, study, tracker, on_event)
     driver.emit("start", {"version": version, "budget": budget, "remaining": max(0, remaining),
                           "resumed": bool(versions) and not fresh, "fresh": fresh and bool(versions),
+                          "rerun": len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))),
                           "reopened": n_reopened, "finished": len(_finished(study))})
     interrupted = False
     if remaining > 0:
@@ -142,9 +143,13 @@ def _run_locked(spec: StudySpec, started: float, trials: int | None, address: st
             if spec.tracking.register_best:
                 driver.register_best()
             tracker.finish_study(out)
+    else:
+        tracker.finish_study(None, status="KILLED")  # back to RUNNING when the study resumes
     driver.emit("end", {"summary": summary, "interrupted": interrupted})
     if interrupted:
-        raise Interrupted(f"stopped; {summary.n_complete + summary.n_pruned + summary.n_failed} trials are saved")
+        n = summary.n_complete + summary.n_pruned + summary.n_failed
+        raise Interrupted(f"stopped: {n} finished trials are saved; {driver.n_interrupted} interrupted "
+                          "trials will run again")
     return summary
 
 
@@ -272,8 +277,8 @@ class _OptunaSearcher(_DriverBound, _Searcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
 
-    def suggest(self, trial_id: str) -> dict | None:
-        return self.driver.ask(trial_id)
+    def suggest(self, trial_id: str) -> dict | str | None:
+        return _Searcher.FINISHED if self.driver.exhausted else self.driver.ask(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass  # the driver closes trials in its callback, which sees the checkpoint and the error
@@ -316,6 +321,8 @@ class _Driver:
         self.records: dict[str, TrialRecord] = {}
         self.scheduler: Any = None
         self.epochs_run = 0
+        self.n_interrupted = 0
+        self.exhausted = False  # the sampler has nothing left to try (a finished grid)
 
     def optuna_trial_for(self, tune_trial_id: str) -> optuna.Trial | None:
         record = self.records.get(tune_trial_id)
@@ -341,7 +348,9 @@ class _Driver:
             record.final = dict(result)
             return
         epoch = int(result["epoch"])
-        record.n_epochs = max(record.n_epochs, epoch)
+        if epoch <= record.n_epochs:
+            return  # a worker restarted from an older checkpoint repeats an epoch already logged
+        record.n_epochs = epoch
         self.epochs_run += 1
         metrics = {k: result[k] for k in _EPOCH_METRICS if k in result}
         self.tracker.log_epoch(record.run_id, epoch, metrics)
@@ -373,6 +382,7 @@ class _Driver:
     def interrupt_running(self) -> None:
         """Close trials still running (stopped driver): FAIL `interrupted`, rerun on resume."""
         for record in list(self.records.values()):
+            self.n_interrupted += 1
             _mark_interrupted(self.study, record.optuna_trial.number, record.optuna_trial.params)
             self.tracker.flush(record.run_id)
             self.tracker.end(record.run_id, "INTERRUPTED", fail_reason=INTERRUPTED)
@@ -412,7 +422,13 @@ class _Driver:
         # Order matters for a driver killed at any moment: the curve is in MLflow before Optuna
         # records the end, and a resume closes a child whose Optuna trial already ended.
         self.tracker.flush(record.run_id)
-        self.study.tell(trial, values=values if state == TrialState.COMPLETE else None, state=state)
+        try:
+            self.study.tell(trial, values=values if state == TrialState.COMPLETE else None, state=state)
+        except RuntimeError as err:
+            # The grid sampler calls `study.stop()` once every grid point ran; the state is stored.
+            if "Study.stop" not in str(err):
+                raise
+            self.exhausted = True
         name = state.name
         self.tracker.end(record.run_id, name, fail_reason=reason, final=final,
                          checkpoint_dir=checkpoint_dir, node=final.get("hostname") or node_name())

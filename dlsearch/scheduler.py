@@ -30,6 +30,7 @@ class OptunaPruningScheduler(FIFOScheduler):
         self._optuna_trial_for = optuna_trial_for
         self._final_key = final_key
         self.pruned: dict[str, int] = {}  # Tune trial id -> the epoch it was pruned at
+        self._last_epoch: dict[str, int] = {}
 
     def on_trial_result(self, tune_controller: object, trial: object, result: dict) -> str:
         if result.get(self._final_key) or "epoch" not in result or self._objective not in result:
@@ -38,6 +39,9 @@ class OptunaPruningScheduler(FIFOScheduler):
         if optuna_trial is None:
             return TrialScheduler.CONTINUE
         epoch = int(result["epoch"])
+        if epoch <= self._last_epoch.get(trial.trial_id, 0):
+            return TrialScheduler.CONTINUE  # re-run after a worker restart from an older checkpoint
+        self._last_epoch[trial.trial_id] = epoch
         optuna_trial.report(float(result[self._objective]), step=epoch)
         if optuna_trial.should_prune():
             self.pruned[trial.trial_id] = epoch

@@ -7,6 +7,8 @@ what trials report. Per-epoch metrics are buffered and written with
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import time
@@ -174,7 +176,8 @@ class MlflowTracker:
         import mlflow
 
         mlflow.set_tracking_uri(self.client.tracking_uri)
-        with mlflow.start_run(run_id=run_id):
+        # MLflow prints "Successfully registered model ..." itself; the run's summary says it instead.
+        with mlflow.start_run(run_id=run_id), contextlib.redirect_stderr(io.StringIO()):
             info = mlflow.pytorch.log_model(
                 model.eval(), name="model", registered_model_name=self.spec.name, input_example=input_example,
                 pip_requirements=["torch"],  # skips MLflow's slow requirement inference in a subprocess

@@ -135,7 +135,9 @@ class StudyProgress:
         elif info.get("resumed"):
             line = f"resuming {info['version']}: {info['finished']} of {info['budget']} trials already finished"
             if info.get("reopened"):
-                line += f"; {info['reopened']} interrupted trial(s) will run again"
+                line += f"; closed {info['reopened']} trial(s) a killed run left running"
+            if info.get("rerun"):
+                line += f"; {info['rerun']} interrupted trial(s) will run again"
             self.console.print(line, markup=False)
         if info["remaining"] <= 0:
             self.console.print(f"the budget of {info['budget']} trials is already spent; "
