@@ -36,10 +36,6 @@ def check_stores(spec: StudySpec) -> None:
         if path is not None:
             problems += _writable(where, path)
     problems += _writable("tracking.artifacts", Path(t.artifacts) / "x")
-    if t.register_best and any(c in spec.name for c in "/:"):
-        # MLflow's Model Registry rejects such names, and is reached only after every trial has run.
-        problems.append(f"name: the Model Registry cannot hold a model named {spec.name!r} (no '/' or ':'); "
-                        "rename the study or set tracking.register_best: false")
     if problems:
         raise SpecError(problems)
     if t.uri.startswith(("http://", "https://")):

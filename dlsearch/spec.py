@@ -675,6 +675,10 @@ def _check_rest(spec: StudySpec) -> list[str]:
                    f"(got {spec.pruner.type})")
     if len(objectives) > 1 and spec.sampler.type in ("cmaes", "gp", "grid") and spec.sampler.type != "grid":
         out.append(f"sampler.type: {spec.sampler.type} optimizes a single objective (got {len(objectives)} objectives)")
+    if spec.tracking.register_best and any(c in spec.name for c in "/:"):
+        # MLflow's Model Registry rejects such names, and would be reached only after every trial ran.
+        out.append(f"name: the Model Registry cannot hold a model named {spec.name!r} (no '/' or ':'); "
+                   "rename the study or set tracking.register_best: false")
     if spec.model.kind == "cnn" and spec.data.dataset not in IMAGE_DATASETS + ("custom",):
         out.append(f"model.kind: cnn needs image data; dataset {spec.data.dataset} gives flat features (got cnn)")
     if spec.data.dataset == "csv" and not spec.data.path:

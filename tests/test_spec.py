@@ -490,12 +490,20 @@ def test_bad_set_is_reported_with_the_files_own_problems() -> None:
 
 @pytest.mark.parametrize("name", ["../../x", "..", "/etc/passwd", "a b/c\\d", ".hidden", "-x-"])
 def test_slug_cannot_escape_or_hide(name: str) -> None:
-    slug = spec_from_dict(_study({("name",): name})).slug
+    study = _study({("name",): name})
+    study["tracking"] = {"register_best": False}  # the Model Registry refuses '/' in names (tested below)
+    slug = spec_from_dict(study).slug
     assert slug
     assert "/" not in slug and "\\" not in slug
     assert not slug.startswith(".")
     assert slug not in (".", "..")
     assert re.fullmatch(r"[A-Za-z0-9_.-]+", slug)
+
+
+def test_registry_refuses_a_name_with_a_slash_at_validation() -> None:
+    with pytest.raises(SpecError) as err:
+        spec_from_dict(_study({("name",): "../../x"}))
+    assert any(p.startswith("name: the Model Registry cannot hold") for p in err.value.problems)
 
 
 def test_slug_keeps_a_plain_name() -> None:
