@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import optuna
@@ -162,3 +163,71 @@ def test_rerun_of_a_finished_study_runs_nothing_and_trials_extend_it(finished_st
     assert again.epochs_run == 0
     extended = run_study(spec, trials=N_TRIALS + 2)
     assert extended.n_complete + extended.n_pruned + extended.n_failed == N_TRIALS + 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(cmd: list[str], url: str, cwd: Path):
+    """Start a server subprocess and wait (up to 90 s) until `url` answers; yields the process."""
+    import subprocess
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return proc
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    raise AssertionError(f"{cmd} did not answer at {url}")
+
+
+def test_mlflow_ui_serves_children_nested_under_the_parent(finished_study) -> None:
+    import urllib.request
+
+    path, summary, _ = finished_study
+    port = _free_port()
+    proc = _serve([sys.executable, "-m", "dlsearch", "ui", str(path), "--port", str(port)], f"http://127.0.0.1:{port}/health",
+                  path.parent)
+    try:
+        spec = load_spec(path)
+        experiment_id = MlflowClient(tracking_uri=spec.tracking.uri).get_experiment_by_name(spec.name).experiment_id
+        body = json.dumps({"experiment_ids": [experiment_id], "max_results": 100}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/runs/search", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            runs = json.loads(response.read())["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        children = [t for t in tags if t.get("mlflow.parentRunId") == summary.parent_run_id]
+        assert len(children) >= N_TRIALS  # the UI nests runs by this tag
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_optuna_dashboard_opens_the_study(finished_study) -> None:
+    import urllib.request
+
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is in the test extras")
+    path, _, _ = finished_study
+    spec = load_spec(path)
+    port = _free_port()
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    proc = _serve([str(dashboard), spec.tracking.optuna_storage, "--host", "127.0.0.1",
+                   "--port", str(port)], f"http://127.0.0.1:{port}/api/studies", path.parent)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as response:
+            studies = json.loads(response.read())["study_summaries"]
+        assert spec.name in {s["study_name"] for s in studies}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
