@@ -1,0 +1,43 @@
+"""`python -m bench [--quick] [--no-write] [NAME ...]`: run dlsearch's benchmarks.
+
+Prints each benchmark's summary, replaces its section of BENCHMARKS.md and writes its raw
+results to bench/out/NAME.json (neither with --no-write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench import BENCHMARKS_MD, loop, replace_section, use_shared_data, write_json
+
+SUITE = {"loop": loop}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run (default all: {', '.join(SUITE)})")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run: little data, one epoch")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print only: leave BENCHMARKS.md and bench/out/ untouched")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in SUITE]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; the suite has {', '.join(SUITE)}")
+    use_shared_data()
+    for name in args.names or SUITE:
+        bench = SUITE[name]
+        result = bench.run(quick=args.quick)
+        for line in bench.summary(result):
+            print(line, flush=True)
+        if not args.no_write:
+            path = write_json(name, result)
+            replace_section(bench.HEADING, bench.markdown(result))
+            print(f"wrote {path.relative_to(path.parents[2])} and the {bench.HEADING[3:]!r} section of "
+                  f"{BENCHMARKS_MD.name}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
