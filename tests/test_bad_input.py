@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from click.testing import CliRunner, Result
 from mlflow import MlflowClient
 
 from dlsearch.cli import main
 from dlsearch.preflight import study_lock
 from dlsearch.spec import load_spec
+from tests import studies
 
 # A port nothing listens on: connections are refused at once (no timeout to wait for).
 CLOSED = "127.0.0.1:9"
@@ -28,34 +28,9 @@ SECRET = "s3cr3t-d1sc4rd"
 
 
 def write_study(folder: Path, filename: str = "study.yaml", **changes: Any) -> Path:
-    """A tiny digits study (no download) whose stores all live in `folder`."""
-    study: dict[str, Any] = {
-        "name": "bad-input",
-        "seed": 1,
-        "data": {"dataset": "digits", "val_fraction": 0.2},
-        "model": {"kind": "mlp", "depth": 1, "width": 16},
-        "train": {"epochs": 1, "batch_size": 64},
-        "search": {
-            "train.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-1, "log": True},
-            "model.width": {"type": "categorical", "choices": [16, 32]},
-        },
-        "objective": {"metric": "val_accuracy", "direction": "maximize"},
-        "budget": {"trials": 1},
-        "resources": {"cpus_per_trial": 1, "max_concurrent": 1},
-        "tracking": {
-            "uri": f"sqlite:///{folder}/mlflow.db",
-            "artifacts": str(folder / "artifacts"),
-            "optuna_storage": f"sqlite:///{folder}/optuna.db",
-        },
-    }
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(study.get(key), dict):
-            study[key] = {**study[key], **value}
-        else:
-            study[key] = value
-    path = folder / filename
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
+    """A one-trial, one-epoch digits study (no download) whose stores all live in `folder`."""
+    base = {"name": "bad-input", "seed": 1, "train": {"epochs": 1, "batch_size": 64}, "budget": {"trials": 1}}
+    return studies.write_study(folder, filename, **{**base, **changes})
 
 
 def listing(root: Path) -> list[str]:

@@ -11,12 +11,12 @@ from typing import Any
 
 import optuna
 import pytest
-import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from dlsearch.runner import run_study
 from dlsearch.spec import load_spec
+from tests import studies
 
 pytestmark = pytest.mark.slow
 
@@ -25,32 +25,8 @@ EPOCHS = 3
 
 def write_study(folder: Path, filename: str = "study.yaml", **changes: Any) -> Path:
     """A small digits study (no download) whose stores all live in `folder`."""
-    study: dict[str, Any] = {
-        "name": "concurrent-digits",
-        "seed": 5,
-        "data": {"dataset": "digits", "val_fraction": 0.2},
-        "model": {"kind": "mlp", "depth": 1, "width": 32},
-        "train": {"epochs": EPOCHS, "batch_size": 64, "early_stopping": {"patience": 10}},
-        "search": {
-            "train.lr": {"type": "float", "low": 1.0e-4, "high": 0.1, "log": True},
-            "model.width": {"type": "categorical", "choices": [16, 32, 64]},
-        },
-        "objective": {"metric": "val_accuracy", "direction": "maximize"},
-        "sampler": {"type": "tpe", "n_startup_trials": 4},
-        "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
-        "budget": {"trials": 5},
-        "resources": {"cpus_per_trial": 1, "max_concurrent": 1},
-        "tracking": {
-            "uri": f"sqlite:///{folder}/mlflow.db",
-            "artifacts": str(folder / "artifacts"),
-            "optuna_storage": f"sqlite:///{folder}/optuna.db",
-            "register_best": True,
-        },
-    }
-    study.update(changes)
-    path = folder / filename
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
+    base = {"name": "concurrent-digits", "seed": 5, "train": {"epochs": EPOCHS}, "budget": {"trials": 5}}
+    return studies.write_study(folder, filename, **{**base, **changes})
 
 
 def finished_trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from dlsearch.cli import main
 from dlsearch.runner import run_study
 from dlsearch.spec import load_spec
+from tests.studies import write_study
 
 pytestmark = pytest.mark.slow
 
@@ -23,43 +24,10 @@ N_TRIALS = 8
 EPOCHS = 6
 
 
-def write_study(folder: Path, **changes: object) -> Path:
-    """A digits study whose stores all live in `folder`; wide lr so that bad trials get pruned."""
-    study = {
-        "name": "e2e-digits",
-        "seed": 3,
-        "data": {"dataset": "digits", "val_fraction": 0.2},
-        "model": {"kind": "mlp", "depth": 1, "width": 32},
-        "train": {"epochs": EPOCHS, "batch_size": 64, "early_stopping": {"patience": 10}},
-        "search": {
-            "train.lr": {"type": "float", "low": 1.0e-5, "high": 0.3, "log": True},
-            "train.optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
-            "train.momentum": {"type": "float", "low": 0.5, "high": 0.9, "when": {"train.optimizer": "sgd"}},
-            "model.width": {"type": "categorical", "choices": [16, 32, 64]},
-        },
-        "objective": {"metric": "val_accuracy", "direction": "maximize"},
-        "sampler": {"type": "tpe", "n_startup_trials": 4},
-        "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
-        "budget": {"trials": N_TRIALS},
-        # One at a time: the sampler and pruner then see trials in a fixed order (deterministic).
-        "resources": {"cpus_per_trial": 1, "max_concurrent": 1},
-        "tracking": {
-            "uri": f"sqlite:///{folder}/mlflow.db",
-            "artifacts": str(folder / "artifacts"),
-            "optuna_storage": f"sqlite:///{folder}/optuna.db",
-            "register_best": True,
-        },
-    }
-    study.update(changes)
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     folder = tmp_path_factory.mktemp("e2e")
-    path = write_study(folder)
+    path = write_study(folder, budget={"trials": N_TRIALS}, train={"epochs": EPOCHS})
     events: list[tuple[str, dict]] = []
     summary = run_study(load_spec(path), on_event=lambda kind, info: events.append((kind, dict(info))))
     return path, summary, events
