@@ -7,18 +7,22 @@ Each benchmark is a module here with the same four names:
 - `summary(result) -> list[str]`: the lines printed on stdout;
 - `markdown(result) -> str`: the body of its section in BENCHMARKS.md.
 
-The helpers below are shared: where the data is, what machine this is, and how one section of
-BENCHMARKS.md is replaced while the others stay as they are.
+The helpers below are shared: where the data is, what machine this is, how busy it is, where a
+study's stores go (a temporary folder, never the repository's mlruns/), a Ray session on the
+loopback address, and how one section of BENCHMARKS.md is replaced while the others stay as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -51,6 +55,76 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
     }
+
+
+def versions() -> dict[str, str]:
+    """The frameworks a study run goes through."""
+    import mlflow
+    import optuna
+    import ray
+
+    return {"ray": ray.__version__, "optuna": optuna.__version__, "mlflow": mlflow.__version__,
+            "torch": torch.__version__}
+
+
+def load_1min() -> float:
+    """The 1-minute load average: above the CPU count, other processes were competing."""
+    return os.getloadavg()[0]
+
+
+def store_overrides(folder: Path) -> list[str]:
+    """`--set` items that put every store of a study (MLflow, artifacts, Optuna) in `folder`."""
+    return [
+        f"tracking.uri=sqlite:///{folder}/mlflow.db",
+        f"tracking.artifacts={folder}/artifacts",
+        f"tracking.optuna_storage=sqlite:///{folder}/optuna.db",
+    ]
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[float]:
+    """A local Ray on 127.0.0.1 for the block; yields the seconds `ray.init` took, shuts Ray down after.
+
+    `run_study` reuses a Ray that is already running, so a benchmark that starts Ray here keeps
+    Ray's start-up out of every timed study alike.
+    """
+    # The Tune settings `run_study` makes before it starts Ray: set before Ray starts here (the
+    # workers inherit the environment then), so that every side runs under them whatever the order.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    import ray
+
+    started = time.perf_counter()
+    # address="local": without it, ray.init() joins the cluster named in /tmp/ray/ray_current_cluster
+    # (left by any `ray start` on this machine) and waits forever when that cluster is gone.
+    ray.init(address="local", include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    try:
+        yield time.perf_counter() - started
+    finally:
+        ray.shutdown()
+
+
+def warm_up_workers(data: Any, seed: int, n_workers: int) -> float:
+    """Untimed: `n_workers` Ray workers import what a trial imports, load the study's data, and exit.
+
+    Without it the first side a benchmark times pays alone for a cold page cache and for Ray's
+    first worker start-ups. `max_calls=1` ends each worker after its task, so no side inherits a
+    worker that has already imported torch. Returns the seconds it took.
+    """
+    import ray
+
+    @ray.remote(num_cpus=1, max_calls=1)
+    def warm(data: Any, seed: int) -> None:
+        import dlsearch.trainable  # noqa: F401 - torch, ray.tune and dlsearch, as a trial imports them
+        from dlsearch.data import load_data
+
+        load_data(data, seed)
+
+    started = time.perf_counter()
+    ray.get([warm.remote(data, seed) for _ in range(n_workers)])
+    return time.perf_counter() - started
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:

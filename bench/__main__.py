@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import BENCHMARKS_MD, loop, replace_section, use_shared_data, write_json
+from bench import BENCHMARKS_MD, loop, overhead, pruning, replace_section, tracking, use_shared_data, write_json
 
-SUITE = {"loop": loop}
+SUITE = {"loop": loop, "overhead": overhead, "pruning": pruning, "tracking": tracking}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -124,10 +125,17 @@ def train(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
 
     spec = load_spec(study, overrides)
     cfg = trial_config(spec, {}, number=0)
-    data = load_data(cfg.data, cfg.data_seed)
+    data = None if cfg.trainable else load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)
     console = err_console if as_json else Console(highlight=False, soft_wrap=True)
     with EpochTable(console, title=f"{spec.name}: one trial, {cfg.train.epochs} epochs max") as table:
-        result = train_trial(cfg, data, table.add)
+        if data is None:
+            from dlsearch.custom_trainable import run_custom_trainable
+
+            result = run_custom_trainable(
+                cfg, table.add, on_artifact=lambda path: err_console.print(f"artifact (not kept by train): {path}",
+                                                                           markup=False))
+        else:
+            result = train_trial(cfg, data, table.add)
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -154,12 +162,16 @@ def sanity(study: str, overrides: tuple[str, ...], samples: int, steps: int) -> 
     from dlsearch.config import trial_config
     from dlsearch.data import load_data
     from dlsearch.sanity import run_sanity
-    from dlsearch.spec import load_spec
+    from dlsearch.spec import SpecError, load_spec
     from dlsearch.ui import sparkline
 
     spec = load_spec(study, overrides)
+    if spec.trainable is not None:
+        raise SpecError([f"trainable: sanity checks the built-in training loop; this study replaces it with "
+                         f"{spec.trainable} (run `dlsearch train` instead)"])
     cfg = trial_config(spec, {}, number=0)
-    result = run_sanity(cfg, load_data(cfg.data, cfg.data_seed), n_samples=samples, n_steps=steps)
+    data = load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)
+    result = run_sanity(cfg, data, n_samples=samples, n_steps=steps)
     console = Console(highlight=False, soft_wrap=True)
     for check in result.checks:
         mark = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
@@ -176,9 +188,11 @@ def describe(spec: Any) -> str:
     """A one-paragraph summary of a resolved study (what `validate` prints)."""
     n_cond = sum(1 for d in spec.search.values() if d.when)
     m = spec.model
-    model = f"{m.kind} depth {m.depth} width {m.width}" if m.kind != "custom" else f"custom {m.factory}"
+    model = f"{m.kind} depth {m.depth} width {m.width}" if m.kind != "custom" else f"custom {m.factory or ''}".strip()
+    if spec.trainable:
+        model += f", trainable {spec.trainable}"
     objectives = ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives)
-    pins = f"; pinned by --set: {', '.join(o.split('=')[0] for o in spec.overrides)}" if spec.overrides else ""
+    pins = f"; set on the command line: {', '.join(o.split('=')[0] for o in spec.overrides)}" if spec.overrides else ""
     return (
         f"{spec.name}: dataset {spec.data.dataset}, model {model}, "
         f"{len(spec.search)} search dimensions ({n_cond} conditional), "
@@ -191,12 +205,16 @@ def describe_result(summary: dict[str, Any]) -> str:
     if summary["state"] == "FAIL":
         return f"FAIL after {summary['epochs_run']} epochs: {summary['fail_reason']}"
     best = summary["best_metrics"]
-    return (
-        f"COMPLETE: {summary['epochs_run']} epochs, best epoch {summary['best_epoch']} "
-        f"(val_accuracy {best.get('val_accuracy', float('nan')):.4f}, val_loss {best.get('val_loss', float('nan')):.4f}); "
-        f"test_accuracy {summary['test_accuracy']:.4f}, test_loss {summary['test_loss']:.4f}; "
-        f"median epoch {summary['epoch_time_s']:.2f} s"
-    )
+    shown = [k for k in ("val_accuracy", "val_loss") if k in best] or [k for k in best if k != "epoch_time_s"][:3]
+    text = (f"COMPLETE: {summary['epochs_run']} epochs, best epoch {summary['best_epoch']} "
+            f"({', '.join(f'{k} {best[k]:.4f}' for k in shown)})")
+    tests = [f"{k} {summary[k]:.4f}" for k in ("test_accuracy", "test_loss") if summary.get(k) is not None]
+    tests += [f"{k} {v:.4g}" for k, v in summary.get("final_metrics", {}).items()]
+    if tests:
+        text += "; " + ", ".join(tests)
+    if summary.get("epoch_time_s") is not None:
+        text += f"; median epoch {summary['epoch_time_s']:.2f} s"
+    return text
 
 
 @main.command()
@@ -335,16 +353,17 @@ def best(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @_handles_errors
 def ui(study: str | None, port: int, host: str, uri: str | None) -> None:
     """Start the MLflow UI on STUDY's tracking store: parent run per study, child run per trial."""
-    import subprocess
-
     from dlsearch.spec import TrackingSpec, load_spec
     from dlsearch.tracker import tracking_uri
 
     tracking = load_spec(study).tracking if study else TrackingSpec()
     backend = tracking_uri(uri or tracking.uri)
+    if backend.startswith(("http://", "https://")):
+        click.echo(f"the study's tracking server serves its UI: open {backend} in a browser")
+        return
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend, "--host", host, "--port", str(port)]
     click.echo(f"MLflow UI on http://{host}:{port} (store {backend}); Ctrl-C stops it", err=True)
-    raise SystemExit(subprocess.call(cmd))
+    os.execv(sys.executable, cmd)  # become the server: signals reach it, no orphan is left behind
 
 
 def _study_as_run(study: str, overrides: tuple[str, ...], load_spec: Callable, load_study: Callable) -> tuple:

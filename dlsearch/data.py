@@ -2,7 +2,9 @@
 
 Contract: `load_data(spec, seed, device)` returns a `DataBundle` of float32 features
 and int64 labels split into train / validation / test and normalized with training
-statistics only. Anything wrong with the data raises `DataError`, whose message is
+statistics only; for `dataset: custom` it returns what the user's factory gave (see
+`dlsearch.custom_data`): a `DataBundle`, or a `DatasetBundle` of torch Datasets read in
+batches. Anything wrong with the data raises `DataError`, whose message is
 shown to the user as-is. `check_data_available` answers the same questions for
 `dlsearch validate` without downloading or writing anything.
 
@@ -83,16 +85,50 @@ class DataBundle:
         return dataclasses.replace(self, **moved)
 
 
-def load_data(spec: DataSpec, seed: int, device: str | torch.device = "cpu") -> DataBundle:
+@dataclasses.dataclass(frozen=True, eq=False)
+class DatasetBundle:
+    """Train / validation / test splits as map-style torch Datasets of `(x, y)` samples.
+
+    For data too large for memory: the training loop reads it in `DataLoader` batches
+    (`data.n_workers` loader processes, pinned memory on CUDA) instead of keeping whole
+    splits on the device. `x` is one sample of shape `input_shape`; `y` its class index.
+    """
+
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    input_shape: tuple[int, ...]
+    n_classes: int
+
+    def to(self, device: torch.device | str) -> DatasetBundle:
+        """`self`: batches move to the device as they are read."""
+        return self
+
+
+def load_data(
+    spec: DataSpec, seed: int, device: str | torch.device = "cpu", *, base_dir: str | None = None
+) -> DataBundle | DatasetBundle:
     """Load, split and normalize the dataset `spec` names, on `device`.
 
     `seed` drives the `subset` and train/validation split; pass the study's seed so every
     trial sees the same split. The test split never depends on it. Results are cached per
     process (by spec, seed, device and the folders or file the spec resolves to), so many
     trials in one worker share one bundle: the returned tensors must not be modified in place.
-    Raises DataError when the data cannot be had, NotImplementedError for `custom`.
+    `dataset: custom` calls the user's `data.factory` (looked for in `base_dir`, the study's
+    folder, then the working directory) and checks what it returns.
+    Raises DataError when the data cannot be had.
     """
-    return _load_cached(spec, seed, str(torch.device(device)), _resolution_key(spec))
+    return _load_cached(spec, seed, str(torch.device(device)), _resolution_key(spec, base_dir), base_dir)
+
+
+def first_samples(data: DataBundle | DatasetBundle, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` samples `(x, y)` of `split` (train, val or test) as tensors, on the CPU."""
+    if isinstance(data, DataBundle):
+        return getattr(data, f"x_{split}")[:n].cpu(), getattr(data, f"y_{split}")[:n].cpu()
+    dataset = getattr(data, split)
+    samples = [dataset[i] for i in range(min(n, len(dataset)))]
+    x = torch.stack([torch.as_tensor(s[0]) for s in samples]).float()
+    return x, torch.as_tensor([int(s[1]) for s in samples], dtype=torch.int64)
 
 
 def clear_cache() -> None:
@@ -147,8 +183,14 @@ def check_data_available(spec: DataSpec) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)  # an MNIST bundle is ~220 MB of float32; a worker rarely needs more than one
-def _load_cached(spec: DataSpec, seed: int, device: str, resolved: tuple[str, ...]) -> DataBundle:
+def _load_cached(
+    spec: DataSpec, seed: int, device: str, resolved: tuple[str, ...], base_dir: str | None
+) -> DataBundle | DatasetBundle:
     del resolved  # part of the cache key only
+    if spec.dataset == "custom":
+        from dlsearch.custom_data import load_custom
+
+        return load_custom(spec, seed, base_dir).to(device)
     return _build(spec, seed).to(device)
 
 
@@ -157,8 +199,6 @@ def _build(spec: DataSpec, seed: int) -> DataBundle:
         folder = find_idx_files(spec) or _download(spec)
         x_pool, y_pool, x_test, y_test = _read_idx_folder(folder)
         n_classes = 10
-    elif spec.dataset == "custom":
-        raise NotImplementedError(f"data.factory: dataset custom is not supported yet (got {spec.factory!r})")
     else:
         x, y, n_classes = {"digits": _digits, "synthetic": _synthetic, "csv": _csv}[spec.dataset](spec)
         x_pool, y_pool, x_test, y_test = _hold_out_test(x, y, spec.test_fraction)
@@ -423,12 +463,14 @@ def _how_to_fix(spec: DataSpec) -> str:
             f"DLSEARCH_DATA_DIR to a folder with a {spec.dataset}/ subfolder holding them")
 
 
-def _resolution_key(spec: DataSpec) -> tuple[str, ...]:
+def _resolution_key(spec: DataSpec, base_dir: str | None = None) -> tuple[str, ...]:
     # The same spec names other files when the working directory or the environment changes.
     if spec.dataset in IDX_DATASETS:
         return tuple(map(str, search_roots(spec)))
     if spec.dataset == "csv" and spec.path:
         return (str(_absolute(spec.path)),)
+    if spec.dataset == "custom":
+        return (os.getcwd(),)  # with base_dir (also in the key), where the factory's module is found
     return ()
 
 

@@ -4,7 +4,10 @@ Contract: `build_model(spec, input_shape, n_classes)` returns an `nn.Module`
 that maps a batch of shape `(batch, *input_shape)` to logits of shape
 `(batch, n_classes)`, with its weights initialised by `init_weights`.
 `input_shape` is per sample: `(1, 28, 28)` for MNIST, `(1, 8, 8)` for sklearn
-digits, `(20,)` for tabular features.
+digits, `(20,)` for tabular features. `kind: custom` calls the user's
+`model.factory(model_section, input_shape, n_classes)` instead (a plain dict,
+its own keys included) and applies `model.init` to what it returns (custom
+models default to `init: default`, which keeps the factory's own init).
 
 This module imports only torch, so a trial can build its model in a plain
 shell with no tuner or tracker around.
@@ -30,7 +33,9 @@ _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
-def build_model(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+def build_model(
+    spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int, *, base_dir: str | None = None
+) -> nn.Module:
     """Build the model `spec` describes and initialise it with `spec.init`.
 
     `mlp`: flatten, then `depth` blocks of Linear(width) -> norm -> activation
@@ -39,9 +44,11 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -
     channels doubling per block from `channels`, then Flatten -> Dropout ->
     Linear(width) -> activation -> Dropout -> Linear(n_classes). It needs a
     `(channels, height, width)` input shape.
+    `custom`: the module `model.factory` returns, its entry point looked for in
+    `base_dir` (the study's folder), then the working directory.
 
-    Raises ValueError for a bad shape or class count, NotImplementedError for
-    `kind: custom` (user factories are resolved elsewhere).
+    Raises ValueError for a bad shape or class count, TypeError when a custom
+    factory returns something else than an `nn.Module`.
     """
     input_shape = tuple(int(d) for d in input_shape)  # accepts torch.Size and numpy ints
     if not input_shape or min(input_shape) < 1:
@@ -55,7 +62,7 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -
     elif spec.kind == "cnn":
         model = _cnn(spec, input_shape, n_classes)
     elif spec.kind == "custom":
-        raise NotImplementedError("model.kind: custom models are built by the user's factory, not build_model")
+        model = _custom(spec, input_shape, n_classes, base_dir)
     else:
         raise ValueError(f"model.kind: must be one of mlp, cnn, custom (got {spec.kind!r})")
     init_weights(model, spec.init, spec.activation)
@@ -163,6 +170,17 @@ def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Se
         dense_dropout=nn.Dropout(spec.dropout),
         head=nn.Linear(spec.width, n_classes),
     ))
+
+
+def _custom(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int, base_dir: str | None) -> nn.Module:
+    from dlsearch.entrypoints import resolve
+
+    factory = resolve(spec.factory or "", "model.factory", base_dir)
+    model = factory(spec.model_dump(), input_shape, n_classes)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model.factory: must return a torch.nn.Module (got a {type(model).__name__} from "
+                        f"{spec.factory})")
+    return model
 
 
 # ---------------------------------------------------------------- helpers

@@ -1,8 +1,14 @@
 """Checks made before a run creates anything: stores writable, services reachable, one driver per study.
 
 A problem found here leaves no trace: no experiment, no study in storage, no Ray.
-Folders that cannot be written are input problems (exit 2, `SpecError`); a
-service that does not answer is `ServiceUnreachable` (exit 1).
+Folders that cannot be written and passwords written into a URI are input
+problems (exit 2, `SpecError`); a service that does not answer, or refuses the
+credentials the environment gives, is `ServiceUnreachable` (exit 1).
+
+Secrets come from the environment only, because the study file and the resolved
+spec are logged with the study: MLflow reads MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN, libpq reads PGPASSWORD (or
+~/.pgpass), Ray reads RAY_AUTH_TOKEN or the file named by RAY_AUTH_TOKEN_PATH.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import fcntl
 import os
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,17 +43,28 @@ def check_stores(spec: StudySpec) -> None:
         if path is not None:
             problems += _writable(where, path)
     problems += _writable("tracking.artifacts", Path(t.artifacts) / "x")
+    storage = spec.resources.storage_path
+    if storage is not None and "://" not in storage:
+        problems += _writable("resources.storage_path", Path(storage) / "x")
+    for where, uri in (("tracking.uri", t.uri), ("tracking.optuna_storage", t.optuna_storage)):
+        if urllib.parse.urlsplit(uri).password:
+            variables = ("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+                         if where == "tracking.uri" else "PGPASSWORD (or ~/.pgpass)")
+            problems.append(f"{where}: a password in the URI would be logged with the study; "
+                            f"remove it and set {variables} in the environment")
     if problems:
         raise SpecError(problems)
     if t.uri.startswith(("http://", "https://")):
         _check_http("tracking.uri", t.uri.rstrip("/") + "/health")
+        _check_credentials("tracking.uri", t.uri)
     for where, uri in (("tracking.optuna_storage", t.optuna_storage),):
         if sqlite_path(uri) is None:
             _check_database(where, uri)
 
 
 def check_ray_address(address: str | None) -> None:
-    """A `host:port` or `ray://host:port` address must accept a connection."""
+    """A `host:port` or `ray://host:port` address must accept a connection, and a cluster that uses
+    token authentication must accept the token the environment gives (RAY_AUTH_TOKEN[_PATH])."""
     if not address or address in ("auto", "local"):
         return
     host_port = address.split("://", 1)[-1]
@@ -56,6 +74,9 @@ def check_ray_address(address: str | None) -> None:
             pass
     except (OSError, ValueError) as err:
         raise ServiceUnreachable(f"resources.address: cannot reach the Ray cluster at {address} ({err})") from None
+    token_given = _use_ray_token()
+    if "://" not in address:  # a GCS address; Ray Client (ray://) authenticates on its own connection
+        _check_ray_token(address, token_given)
 
 
 @contextmanager
@@ -147,6 +168,64 @@ def _check_http(where: str, url: str) -> None:
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise ServiceUnreachable(f"{where}: cannot reach {url.rsplit('/health', 1)[0]} ({reason})") from None
+
+
+def _check_credentials(where: str, uri: str) -> None:
+    """The server answered /health (never protected); an API call shows whether it takes our credentials."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        status = err.get_http_status_code()
+        if status not in (401, 403):
+            return  # not a credentials problem: the run reports it where it happens
+        given = [v for v in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+                 if os.environ.get(v)]
+        what = f"refused the credentials from {' and '.join(given)}" if given else "needs credentials"
+        raise ServiceUnreachable(
+            f"{where}: the tracking server at {uri} {what} (HTTP {status}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server"
+        ) from None
+
+
+def _use_ray_token() -> bool:
+    """Send the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH to the cluster; True if one is given.
+
+    Ray itself sends a token to an explicit address only under RAY_AUTH_MODE=token, so that a
+    local development token (~/.ray/auth_token) never leaks to another cluster; a token put in
+    these variables is meant for the cluster this run names.
+    """
+    given = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    if given and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:
+            from ray._raylet import Config
+
+            Config.initialize("")  # Ray read its settings when imported: make it read the mode again
+        except (ImportError, AttributeError):
+            pass
+    return given
+
+
+def _check_ray_token(address: str, token_given: bool) -> None:
+    try:
+        from ray._raylet import GcsClient  # one RPC to the cluster's GCS; Ray checks the token on it
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return
+    try:
+        GcsClient(address=address)
+    except AuthenticationError:
+        what = "refused the token from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH" if token_given else (
+            "uses token authentication and no token was given")
+        raise ServiceUnreachable(
+            f"resources.address: the Ray cluster at {address} {what}; set RAY_AUTH_TOKEN to the cluster's token "
+            "(or RAY_AUTH_TOKEN_PATH to a file holding it): `ray get-auth-token` prints it on the head node"
+        ) from None
+    except Exception:  # noqa: BLE001 - anything else surfaces with its own message when Ray connects
+        return
 
 
 def _check_database(where: str, uri: str) -> None:

@@ -21,10 +21,11 @@ import optuna
 from optuna.trial import TrialState
 
 from dlsearch.config import TrialConfig, trial_config
-from dlsearch.preflight import check_ray_address, check_stores, study_lock
+from dlsearch.entrypoints import local_code, search_paths
+from dlsearch.preflight import ServiceUnreachable, check_ray_address, check_stores, study_lock
 from dlsearch.search import directions, make_pruner, make_sampler, suggest
 from dlsearch.spec import StudySpec
-from dlsearch.tracker import MlflowTracker, node_name, tracking_uri
+from dlsearch.tracker import MlflowTracker, tracking_uri
 
 INTERRUPTED = "interrupted"  # fail_reason of trials a killed or stopped driver left running
 
@@ -44,6 +45,7 @@ class TrialRecord:
     started_s: float = field(default_factory=time.monotonic)
     n_epochs: int = 0
     final: dict[str, Any] | None = None
+    node: dict[str, str] = field(default_factory=dict)  # node_id, node_ip, hostname of the last report
 
 
 @dataclass
@@ -161,6 +163,9 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # our handler saves state, then exits 130
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # the final report has no epoch metric
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Trials keep the driver's working directory (Tune would move each into a folder of its own), so
+    # relative paths and user modules resolve in a trial as they do in `dlsearch validate`.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     import ray
     from ray import tune
 
@@ -169,13 +174,7 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        if address:
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-        else:
-            ray.init(
-                include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                _node_ip_address="127.0.0.1",
-            )
+        _init_ray(address, cluster_runtime_env(spec))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cpus, gpus_per_trial, concurrency = _resources(spec, ray.cluster_resources())
@@ -185,8 +184,9 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
             if len(spec.objectives) == 1 else tune.schedulers.FIFOScheduler()
         )
         driver.scheduler = scheduler
+        code_paths = [str(p) for p in search_paths(spec.path.parent if spec.path else None)]
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, spec=spec), {"cpu": cpus, "gpu": gpus_per_trial}
+            tune.with_parameters(run_trial, spec=spec, code_paths=code_paths), {"cpu": cpus, "gpu": gpus_per_trial}
         )
         tuner = tune.Tuner(
             trainable,
@@ -200,8 +200,7 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
             ),
             run_config=tune.RunConfig(
                 name=f"{spec.slug}-{time.strftime('%Y%m%d-%H%M%S')}",
-                # Beside the artifacts: mlruns/ray for the default store.
-                storage_path=str(Path(spec.tracking.artifacts).resolve().parent / "ray"),
+                storage_path=tune_storage_path(spec),
                 verbose=0,
                 callbacks=[_DriverCallback(driver)],
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
@@ -221,12 +220,64 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
             ray.shutdown()
 
 
+def _init_ray(address: str | None, runtime_env: dict[str, Any] | None = None) -> None:
+    """Connect to the cluster at `address` (or the one a Ray job runs in: RAY_ADDRESS), else start
+    a local Ray on loopback. Token authentication is set up by `check_ray_address`.
+    `runtime_env` ships the study's own code to a cluster's workers (`cluster_runtime_env`)."""
+    import ray
+
+    quiet: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        # "local": always a new instance of our own; without it ray.init joins any cluster a
+        # `ray start` left on this machine.
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+        return
+    try:
+        ray.init(address=address or None, runtime_env=runtime_env, **quiet)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+        where = address or os.environ["RAY_ADDRESS"]
+        raise ServiceUnreachable(f"resources.address: cannot connect to the Ray cluster at {where} "
+                                 f"({str(err).splitlines()[0][:300]})") from None
+
+
+def tune_storage_path(spec: StudySpec) -> str:
+    """Where Tune keeps trial checkpoints: `resources.storage_path` (a folder every node mounts,
+    or object storage such as s3://), else beside the artifacts (mlruns/ray for the default store)."""
+    path = spec.resources.storage_path
+    if path is None:
+        return str(Path(spec.tracking.artifacts).resolve().parent / "ray")
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def cluster_runtime_env(spec: StudySpec) -> dict[str, Any] | None:
+    """What a Ray cluster's workers need of the study's own code, or None when it names none.
+
+    The study file's folder goes as `working_dir` (Ray copies it to every node and starts the
+    workers in it); a module of an entry point found elsewhere outside the installed packages
+    (e.g. a package in the working directory) goes as `py_modules`. Local runs need neither:
+    their workers see the driver's folders.
+    """
+    refs = [ref for ref, used in ((spec.data.factory, spec.data.dataset == "custom"),
+                                  (spec.model.factory, spec.model.kind == "custom"), (spec.trainable, True))
+            if ref and used]
+    if not refs or spec.path is None:
+        return None
+    study_dir = spec.path.parent
+    env: dict[str, Any] = {"working_dir": str(study_dir), "excludes": ["mlruns/", "__pycache__/", "*.db"]}
+    others = [str(p) for p in local_code(refs, study_dir) if not p.is_relative_to(study_dir)]
+    if others:
+        env["py_modules"] = others
+    return env
+
+
 def _quiet_libraries() -> None:
     """Optuna's and MLflow's info lines would interleave with the progress display."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # With a tracking server, MLflow prints a "View run ... at: URL" line for every run it ends.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -292,18 +343,31 @@ class _DriverCallback(_DriverBound, _Callback):
         self.driver.on_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        checkpoint = trial.checkpoint
-        self.driver.on_complete(trial.trial_id, checkpoint.path if checkpoint else None)
+        cache = Path(self.driver.spec.tracking.artifacts).resolve().parent / "checkpoints" / trial.trial_id
+        self.driver.on_complete(trial.trial_id, _local_folder(trial.checkpoint, cache))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         reason = f"the trial's worker failed {trial.num_failures} time(s)"
         error = trial.error_file and Path(trial.error_file)
         if error and error.exists():
             reason += ": " + error.read_text().strip().splitlines()[-1][:300]
-        self.driver.on_error(trial.trial_id, reason)
+        cache = Path(self.driver.spec.tracking.artifacts).resolve().parent / "checkpoints" / trial.trial_id
+        self.driver.on_error(trial.trial_id, reason, _local_folder(trial.checkpoint, cache))
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self.driver.emit("tick", {})
+
+
+def _local_folder(checkpoint: Any, cache: Path) -> str | None:
+    """A folder on this machine holding the checkpoint: its own on a local or mounted storage path,
+    else a copy downloaded from object storage into `cache` (the driver logs and registers from it)."""
+    if checkpoint is None:
+        return None
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory(str(cache))
 
 
 # ---------------------------------------------------------------- driver
@@ -342,8 +406,10 @@ class _Driver:
         record = self.records.get(tune_trial_id)
         if record is None:
             return
-        from dlsearch.trainable import FINAL
+        from dlsearch.trainable import FINAL, METRICS_KEY
 
+        # Tune adds hostname and node_ip to every result; the trial adds the Ray node id.
+        record.node.update({k: str(result[k]) for k in _NODE_KEYS if result.get(k)})
         if result.get(FINAL):
             record.final = dict(result)
             return
@@ -352,7 +418,10 @@ class _Driver:
             return  # a worker restarted from an older checkpoint repeats an epoch already logged
         record.n_epochs = epoch
         self.epochs_run += 1
-        metrics = {k: result[k] for k in _EPOCH_METRICS if k in result}
+        # The names the trial reported (the built-in loop's, or any a custom trainable chose);
+        # the rest of the result is Tune's bookkeeping.
+        names = str(result.get(METRICS_KEY) or "").split(",")
+        metrics = {k: result[k] for k in names if isinstance(result.get(k), (int, float))}
         self.tracker.log_epoch(record.run_id, epoch, metrics)
         self.emit("epoch", {"number": record.number, "epoch": epoch, "metrics": metrics})
 
@@ -363,21 +432,22 @@ class _Driver:
         pruned_at = getattr(self.scheduler, "pruned", {}).get(tune_trial_id)
         final = record.final or {}
         if pruned_at is not None:
-            self._close(record, TrialState.PRUNED, "", final)
+            self._close(record, TrialState.PRUNED, "", final, checkpoint_dir=checkpoint_dir)
         elif final.get("state") == "COMPLETE":
             values = [final.get(f"best.{o.metric}") for o in self.spec.objectives]
             if any(v is None or not math.isfinite(v) for v in values):
-                self._close(record, TrialState.FAIL, "the objective was never reported", final)
+                self._close(record, TrialState.FAIL, "the objective was never reported", final,
+                            checkpoint_dir=checkpoint_dir)
             else:
                 self._close(record, TrialState.COMPLETE, "", final, values, checkpoint_dir)
         else:
             reason = final.get("fail_reason") or "the trial ended without a final report"
-            self._close(record, TrialState.FAIL, reason, final)
+            self._close(record, TrialState.FAIL, reason, final, checkpoint_dir=checkpoint_dir)
 
-    def on_error(self, tune_trial_id: str, reason: str) -> None:
+    def on_error(self, tune_trial_id: str, reason: str, checkpoint_dir: str | None = None) -> None:
         record = self.records.pop(tune_trial_id, None)
         if record is not None:
-            self._close(record, TrialState.FAIL, reason, record.final or {})
+            self._close(record, TrialState.FAIL, reason, record.final or {}, checkpoint_dir=checkpoint_dir)
 
     def interrupt_running(self) -> None:
         """Close trials still running (stopped driver): FAIL `interrupted`, rerun on resume."""
@@ -390,21 +460,22 @@ class _Driver:
 
     def register_best(self) -> None:
         best = _best_trial(self.study)
-        if best is None or "mlflow_run_id" not in best.user_attrs:
-            return
+        if best is None or "mlflow_run_id" not in best.user_attrs or self.spec.trainable is not None:
+            return  # a custom trainable's model is its own: dlsearch cannot rebuild it
         checkpoint = best.user_attrs.get("checkpoint")
         if not checkpoint or not Path(checkpoint).exists():
             return
         import torch
 
-        from dlsearch.data import load_data
+        from dlsearch.data import first_samples, load_data
         from dlsearch.models import build_model
 
         cfg = trial_config(self.spec, best.params, best.number)
-        data = load_data(cfg.data, cfg.data_seed)
-        model = build_model(cfg.model, data.input_shape, data.n_classes)
+        data = load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)
+        model = build_model(cfg.model, data.input_shape, data.n_classes, base_dir=cfg.base_dir)
         model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
-        self.tracker.register_best(best.user_attrs["mlflow_run_id"], model, data.x_test[:2].numpy())
+        x, _ = first_samples(data, "test", 2)
+        self.tracker.register_best(best.user_attrs["mlflow_run_id"], model, x.numpy())
 
     def _close(self, record: TrialRecord, state: TrialState, reason: str, final: Mapping[str, Any],
                values: list[float] | None = None, checkpoint_dir: str | None = None) -> None:
@@ -415,13 +486,22 @@ class _Driver:
                 trial.set_user_attr(key, final[key])
         if reason:
             trial.set_user_attr("fail_reason", reason)
-        if checkpoint_dir:
-            from dlsearch.trainable import BEST_FILE
+        from dlsearch.trainable import ARTIFACTS_DIR, BEST_FILE, LAST_FILE, MODEL_DIR
 
-            trial.set_user_attr("checkpoint", str(Path(checkpoint_dir) / BEST_FILE))
-        # Order matters for a driver killed at any moment: the curve is in MLflow before Optuna
-        # records the end, and a resume closes a child whose Optuna trial already ended.
+        model_dir = Path(checkpoint_dir) / MODEL_DIR if checkpoint_dir else None
+        if state != TrialState.COMPLETE or model_dir is None or not model_dir.is_dir():
+            model_dir = None
+        else:
+            best_file = model_dir / BEST_FILE
+            trial.set_user_attr("checkpoint", str(best_file if best_file.exists() else model_dir / LAST_FILE))
+        # Order matters for a driver killed at any moment: the curve and the files are in MLflow
+        # before Optuna records the end, and a resume closes a child whose Optuna trial already ended.
+        finals = {k.removeprefix("final."): v for k, v in final.items() if k.startswith("final.") and v is not None}
+        if finals:
+            self.tracker.log_epoch(record.run_id, record.n_epochs, finals)
         self.tracker.flush(record.run_id)
+        if checkpoint_dir and (Path(checkpoint_dir) / ARTIFACTS_DIR).is_dir():
+            self.tracker.log_artifacts(record.run_id, Path(checkpoint_dir) / ARTIFACTS_DIR)
         try:
             self.study.tell(trial, values=values if state == TrialState.COMPLETE else None, state=state)
         except RuntimeError as err:
@@ -431,7 +511,7 @@ class _Driver:
             self.exhausted = True
         name = state.name
         self.tracker.end(record.run_id, name, fail_reason=reason, final=final,
-                         checkpoint_dir=checkpoint_dir, node=final.get("hostname") or node_name())
+                         checkpoint_dir=str(model_dir) if model_dir else None, node=record.node)
         best = _best_trial(self.study)
         if best is not None and len(self.spec.objectives) == 1:
             self.tracker.log_best(best.value, len(_finished(self.study)))
@@ -440,8 +520,7 @@ class _Driver:
                                 "best": best.value if best is not None and len(self.spec.objectives) == 1 else None})
 
 
-_EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s",
-                  "generalization_gap")
+_NODE_KEYS = ("node_id", "node_ip", "hostname")
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

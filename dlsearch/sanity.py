@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dlsearch.config import TrialConfig
-from dlsearch.data import DataBundle
+from dlsearch.data import DataBundle, DatasetBundle, first_samples
 from dlsearch.models import build_model
 from dlsearch.train import make_optimizer, resolve_device
 
@@ -38,14 +38,14 @@ class SanityResult:
         return all(c.passed for c in self.checks)
 
 
-def run_sanity(cfg: TrialConfig, data: DataBundle, n_samples: int = 64, n_steps: int = 200) -> SanityResult:
+def run_sanity(cfg: TrialConfig, data: DataBundle | DatasetBundle, n_samples: int = 64, n_steps: int = 200) -> SanityResult:
     """Run the playbook on the first `n_samples` training samples with the trial's model and optimizer."""
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
-    x, y = data.x_train[:n_samples].to(device), data.y_train[:n_samples].to(device)
+    x, y = (t.to(device) for t in first_samples(data, "train", n_samples))
     # Regularization off: the question is whether the model *can* fit, not whether it generalizes.
     model_spec = cfg.model.model_copy(update={"dropout": 0.0})
-    model = build_model(model_spec, data.input_shape, data.n_classes).to(device)
+    model = build_model(model_spec, data.input_shape, data.n_classes, base_dir=cfg.base_dir).to(device)
     checks: list[Check] = []
 
     model.eval()

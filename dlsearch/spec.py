@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic", "csv", "custom")
 IMAGE_DATASETS = ("mnist", "fashion_mnist", "digits")
@@ -61,7 +61,8 @@ class DataSpec(_Section):
     n_samples: int = Field(4000, gt=0)  # synthetic
     n_features: int = Field(20, gt=0)  # synthetic
     n_classes: int = Field(4, ge=2)  # synthetic
-    factory: str | None = None  # custom: "package.module:function"
+    factory: str | None = None  # custom: "package.module:function", called as factory(data section, seed)
+    n_workers: int | None = Field(None, ge=0)  # DataLoader processes for torch Datasets; None: CPU threads - 1
 
 
 class ModelSpec(_Section):
@@ -75,7 +76,15 @@ class ModelSpec(_Section):
     init: Literal[INITS] = "kaiming_normal"
     channels: int = Field(32, gt=0)  # cnn: channels of the first block, doubled per block
     kernel_size: int = Field(3, gt=0)  # cnn
-    factory: str | None = None  # custom: "package.module:function"
+    factory: str | None = None  # custom: "package.module:function", called as factory(model, input_shape, n_classes)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _custom_keeps_its_init(cls, data: Any) -> Any:
+        # A custom model keeps the init its factory chose unless the study names one.
+        if isinstance(data, dict) and data.get("kind") == "custom" and "init" not in data:
+            return {**data, "init": "default"}
+        return data
 
 
 class EarlyStoppingSpec(_Section):
@@ -155,6 +164,9 @@ class ResourcesSpec(_Section):
     max_concurrent: Union[Literal["auto"], int] = "auto"
     address: str | None = None
     max_failures: int = Field(2, ge=0)  # worker crashes retried from the last checkpoint
+    # Tune's checkpoints: on a cluster, a folder every node mounts or object storage (s3://...);
+    # null keeps them beside the artifacts (mlruns/ray), which is enough on one machine.
+    storage_path: str | None = None
 
 
 class TrackingSpec(_Section):
@@ -231,7 +243,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     except OSError as err:
         raise SpecError([f"{path}: cannot read the study file ({err.strerror})"]) from None
     raw = parse_yaml(text, str(path))
-    spec = spec_from_dict(raw, overrides, source=str(path))
+    spec = spec_from_dict(raw, overrides, source=str(path), base_dir=path.resolve().parent)
     spec._path = path.resolve()
     spec._text = text
     return spec
@@ -256,9 +268,14 @@ def parse_yaml(text: str, source: str = "<study>") -> dict:
 
 
 def spec_from_dict(
-    raw: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "<study>"
+    raw: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "<study>",
+    base_dir: str | Path | None = None,
 ) -> StudySpec:
-    """Validate a study given as a dict (the YAML document), after `--set` overrides."""
+    """Validate a study given as a dict (the YAML document), after `--set` overrides.
+
+    Entry points (`data.factory`, `model.factory`, `trainable`) are imported to check them,
+    from `base_dir` (the study file's folder), the working directory or the installed packages.
+    """
     problems: list[str] = []
     raw = _apply_overrides(raw, overrides, problems)
     _check_unknown_keys(raw, problems)
@@ -269,9 +286,11 @@ def spec_from_dict(
         problems += _check_search(raw, None)
         problems += _check_optuna_sections(raw)
         problems += _check_objective_section(raw)
+        problems += _check_entry_points(raw, base_dir)
         raise SpecError(_dedupe(problems)) from None
     problems += _check_search(raw, spec)
     problems += _check_rest(spec)
+    problems += _check_entry_points(raw, base_dir)
     if problems:
         raise SpecError(_dedupe(problems))
     spec._overrides = tuple(overrides)
@@ -683,10 +702,15 @@ def _check_rest(spec: StudySpec) -> list[str]:
         out.append(f"model.kind: cnn needs image data; dataset {spec.data.dataset} gives flat features (got cnn)")
     if spec.data.dataset == "csv" and not spec.data.path:
         out.append("data.path: is required for dataset csv (the CSV file)")
-    if spec.data.dataset == "custom" and not spec.data.factory:
+    # With a custom trainable the data and model sections are only configuration it reads.
+    if spec.data.dataset == "custom" and not spec.data.factory and spec.trainable is None:
         out.append("data.factory: is required for dataset custom (\"package.module:function\")")
-    if spec.model.kind == "custom" and not spec.model.factory:
+    if spec.data.dataset != "custom" and spec.data.factory:
+        out.append(f"data.factory: is used only with dataset custom (got dataset {spec.data.dataset})")
+    if spec.model.kind == "custom" and not spec.model.factory and spec.trainable is None:
         out.append("model.factory: is required for kind custom (\"package.module:function\")")
+    if spec.model.kind != "custom" and spec.model.factory:
+        out.append(f"model.factory: is used only with kind custom (got kind {spec.model.kind})")
     if spec.model.kind == "cnn" and spec.model.kernel_size % 2 == 0:
         out.append(f"model.kernel_size: must be odd so that convolutions keep the image size (got {spec.model.kernel_size})")
     gpus = spec.resources.gpus_per_trial
@@ -703,4 +727,31 @@ def _check_rest(spec: StudySpec) -> list[str]:
     from dlsearch.search import check_optuna_options  # Optuna lives in dlsearch.search
 
     out += check_optuna_options(spec.sampler, spec.pruner)
+    return out
+
+
+def _check_entry_points(raw: dict, base_dir: str | Path | None) -> list[str]:
+    """Import every entry point the study names (also each searched choice of a factory)."""
+    from dlsearch.entrypoints import problem
+
+    refs: list[tuple[str, Any]] = []
+    for section, switch in (("data", "dataset"), ("model", "kind")):
+        node = raw.get(section)
+        if isinstance(node, dict) and node.get(switch) == "custom" and node.get("factory") is not None:
+            refs.append((f"{section}.factory", node["factory"]))
+    if raw.get("trainable") is not None:
+        refs.append(("trainable", raw["trainable"]))
+    search = raw.get("search") if isinstance(raw.get("search"), dict) else {}
+    for key in ("data.factory", "model.factory"):
+        dim = search.get(key)
+        if isinstance(dim, dict) and dim.get("type") == "categorical" and isinstance(dim.get("choices"), list):
+            refs += [(f"search.{key}.choices[{i}]", c) for i, c in enumerate(dim["choices"]) if c is not None]
+    out = []
+    for where, ref in refs:
+        if not isinstance(ref, str):
+            continue  # the type is reported by the section's validation
+        kind = where.split(".choices")[0].removeprefix("search.")
+        line = problem(ref, kind, base_dir)
+        if line is not None:
+            out.append(where + line[len(kind):])
     return out

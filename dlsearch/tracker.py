@@ -1,7 +1,10 @@
 """MLflow: one experiment per study, one parent run per study version, one child run per trial.
 
 Only the driver process writes here (SQLite has one writer at a time), fed by
-what trials report. Per-epoch metrics are buffered and written with
+what trials report. With a tracking server (`http(s)://`) the server stores the
+artifacts too, and MLflow takes its credentials from the environment
+(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN):
+nothing here reads or logs them. Per-epoch metrics are buffered and written with
 `log_batch` (one ~70 ms call instead of ~3.5 ms per value).
 """
 
@@ -9,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -58,9 +59,12 @@ class MlflowTracker:
         """Get or create the experiment and this version's parent run (kept across resumes)."""
         experiment = self.client.get_experiment_by_name(self.spec.name)
         if experiment is None:
-            location = Path(self.spec.tracking.artifacts).resolve() / self.spec.slug
+            # A tracking server picks the location itself (its artifact store, reached through it):
+            # a local folder of the driver would be out of reach of the server and the UI.
+            location = None if is_server(self.client.tracking_uri) else (
+                (Path(self.spec.tracking.artifacts).resolve() / self.spec.slug).as_uri())
             self.experiment_id = self.client.create_experiment(
-                self.spec.name, artifact_location=location.as_uri(), tags={"dlsearch.study": self.spec.name}
+                self.spec.name, artifact_location=location, tags={"dlsearch.study": self.spec.name}
             )
         else:
             self.experiment_id = experiment.experiment_id
@@ -150,9 +154,12 @@ class MlflowTracker:
 
     def end(
         self, run_id: str, state: str, *, fail_reason: str = "", final: Mapping[str, Any] | None = None,
-        checkpoint_dir: str | None = None, node: str | None = None,
+        checkpoint_dir: str | None = None, node: Mapping[str, str] | None = None,
     ) -> None:
-        """Close a child run: curves flushed, test metrics, state tag, best checkpoint, status."""
+        """Close a child run: curves flushed, test metrics, state tag, best checkpoint, status.
+
+        `node` is where the trial ran, as its reports said: `node_id` (the Ray node), `node_ip`, `hostname`.
+        """
         self.flush(run_id)
         final = final or {}
         epochs_run = int(final.get("epochs_run") or 0)
@@ -161,12 +168,18 @@ class MlflowTracker:
         tags = [RunTag("dlsearch.state", state)]
         if fail_reason:
             tags.append(RunTag("dlsearch.fail_reason", fail_reason[:5000]))
-        if node:
-            tags.append(RunTag("dlsearch.node", node))
+        for key, tag in (("node_id", "dlsearch.node"), ("node_ip", "dlsearch.node_ip"),
+                         ("hostname", "dlsearch.hostname")):
+            if node and node.get(key):
+                tags.append(RunTag(tag, node[key]))
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         if checkpoint_dir and Path(checkpoint_dir).is_dir():
             self.client.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
+
+    def log_artifacts(self, run_id: str, folder: str | Path) -> None:
+        """Files a trial logged itself (a custom trainable's `report.log_artifact`), at its run's root."""
+        self.client.log_artifacts(run_id, str(folder))
 
     def register_best(self, run_id: str, model: Any, input_example: Any) -> str | None:
         """Log the best trial's model and register it under the study name with alias `best`.
@@ -198,8 +211,9 @@ def tracking_uri(uri: str) -> str:
     return uri
 
 
-def node_name() -> str:
-    return os.environ.get("RAY_NODE_NAME") or socket.gethostname()
+def is_server(uri: str) -> bool:
+    """A tracking server (rather than a database or folder the driver opens itself)."""
+    return uri.startswith(("http://", "https://"))
 
 
 def _param_value(value: Any) -> str:

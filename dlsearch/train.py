@@ -5,12 +5,15 @@
 Optuna's pruners and MLflow's curves use), stops early when the objective
 stops improving, keeps the best weights, and evaluates them on the test split.
 The report callable may raise `TrialPruned` to stop the trial; it propagates.
+Tensor data (`DataBundle`) is batched by indexing on the device; torch Datasets
+(`DatasetBundle`, from a custom data factory) are read through DataLoaders.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import statistics
 import time
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlsearch.config import TrialConfig
-from dlsearch.data import DataBundle
+from dlsearch.data import DataBundle, DatasetBundle
 from dlsearch.models import build_model
 
 
@@ -50,6 +53,8 @@ class TrialResult:
     fail_reason: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)  # what a custom trainable returned
+    final_checkpoint: Any = None  # a custom trainable's last checkpoint
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: what `dlsearch train --json` prints."""
@@ -62,12 +67,13 @@ class TrialResult:
             "test_loss": self.test_loss,
             "epoch_time_s": self.epoch_time_s,
             "fail_reason": self.fail_reason,
+            "final_metrics": self.final_metrics,
         }
 
 
 def train_trial(
     cfg: TrialConfig,
-    data: DataBundle,
+    data: DataBundle | DatasetBundle,
     report: Report | None = None,
     *,
     resume: Mapping[str, Any] | None = None,
@@ -77,12 +83,14 @@ def train_trial(
     device = resolve_device(t.device)
     data = data.to(device)
     torch.manual_seed(cfg.seed)  # init, dropout
-    shuffle = torch.Generator(device=device).manual_seed(cfg.seed)
+    # A DataLoader's sampler draws its order on the CPU; index batches draw theirs on the device.
+    loaders = make_loaders(data, cfg, device) if isinstance(data, DatasetBundle) else None
+    shuffle = loaders.generator if loaders else torch.Generator(device=device).manual_seed(cfg.seed)
 
-    model = build_model(cfg.model, data.input_shape, data.n_classes).to(device)
+    model = build_model(cfg.model, data.input_shape, data.n_classes, base_dir=cfg.base_dir).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(t.optimizer, params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    n_train = len(data.y_train)
+    n_train = len(loaders.train.dataset) if loaders else len(data.y_train)
     steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size > 1))
     scheduler = make_scheduler(t, optimizer, steps_per_epoch)
     # bf16 autocast halves activation memory and speeds up matmuls on CUDA; CPU stays fp32.
@@ -90,6 +98,8 @@ def train_trial(
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
     metric, maximize = cfg.objective.metric, cfg.objective.direction == "maximize"
+    evaluate_test = (functools.partial(evaluate, model, data.x_test, data.y_test, autocast) if loaders is None
+                     else functools.partial(evaluate_loader, model, loaders.test, device, autocast))
     state = _LoopState()
     if resume is not None:
         state = _restore(resume, model, optimizer, scheduler, shuffle)
@@ -101,10 +111,15 @@ def train_trial(
             break
         start = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = _train_epoch(
-            model, optimizer, scheduler, data.x_train, data.y_train, t.batch_size, t.grad_clip, shuffle, autocast
-        )
-        val_loss, val_acc = evaluate(model, data.x_val, data.y_val, autocast)
+        if loaders is None:
+            train_loss, train_acc = _train_epoch(
+                model, optimizer, scheduler, data.x_train, data.y_train, t.batch_size, t.grad_clip, shuffle, autocast
+            )
+            val_loss, val_acc = evaluate(model, data.x_val, data.y_val, autocast)
+        else:
+            train_loss, train_acc = _train_loader_epoch(model, optimizer, scheduler, loaders.train, t.grad_clip,
+                                                        device, autocast)
+            val_loss, val_acc = evaluate_loader(model, loaders.val, device, autocast)
         metrics = {
             "train_loss": train_loss,
             "train_accuracy": train_acc,
@@ -119,7 +134,7 @@ def train_trial(
         bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
         if bad:
             reason = f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch} (lr {t.lr:g}): the loss diverged"
-            return _finish(state, model, data, autocast, "FAIL", reason)
+            return _finish(state, model, evaluate_test, "FAIL", reason)
 
         value = metrics[metric]
         if state.best_value is None or _improved(value, state.best_value, t.early_stopping.min_delta, maximize):
@@ -134,7 +149,7 @@ def train_trial(
             else:
                 report(epoch, metrics)
 
-    return _finish(state, model, data, autocast, "COMPLETE", None)
+    return _finish(state, model, evaluate_test, "COMPLETE", None)
 
 
 def evaluate(
@@ -154,6 +169,60 @@ def evaluate(
     model.train(was_training)
     n = max(1, len(y))
     return loss_sum.item() / n, correct.item() / n
+
+
+def evaluate_loader(
+    model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+    autocast: Callable = contextlib.nullcontext,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` over the batches of `loader`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    with torch.no_grad(), autocast():
+        for xb, yb in loader:
+            xb, yb = _to_device(xb, yb, device)
+            logits = model(xb).float()
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+            correct += (logits.argmax(1) == yb).sum()
+            n += len(yb)
+    model.train(was_training)
+    n = max(1, n)
+    return loss_sum.item() / n, correct.item() / n
+
+
+@dataclass
+class Loaders:
+    """DataLoaders over a DatasetBundle's splits; `generator` draws the training order (resumable)."""
+
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader
+    test: torch.utils.data.DataLoader
+    generator: torch.Generator
+
+
+def make_loaders(data: DatasetBundle, cfg: TrialConfig, device: torch.device) -> Loaders:
+    """Loaders with `data.n_workers` worker processes (default: the trial's CPU threads - 1).
+
+    Workers read and decode the next batches while the model trains on this one; they persist
+    across epochs (no restart cost per epoch). Pinned host memory lets batches go to a GPU
+    asynchronously.
+    """
+    n_workers = cfg.data.n_workers if cfg.data.n_workers is not None else max(0, torch.get_num_threads() - 1)
+    # The order has a generator of its own (the loader's draws the workers' seeds): it is the same
+    # for any n_workers, and a resumed trial continues it exactly.
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.utils.data.RandomSampler(data.train, generator=generator)
+    common = {"batch_size": cfg.train.batch_size, "num_workers": n_workers, "pin_memory": device.type == "cuda",
+              "persistent_workers": n_workers > 0}
+    return Loaders(
+        train=torch.utils.data.DataLoader(data.train, sampler=order, **common),
+        val=torch.utils.data.DataLoader(data.val, **common),
+        test=torch.utils.data.DataLoader(data.test, **common),
+        generator=generator,
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -255,12 +324,53 @@ def _train_epoch(
     return loss_sum.item() / seen, correct.item() / seen
 
 
+def _train_loader_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: torch.utils.data.DataLoader,
+    grad_clip: float,
+    device: torch.device,
+    autocast: Callable,
+) -> tuple[float, float]:
+    """`_train_epoch` for a DataLoader: the same steps, on batches the loader's workers read."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for xb, yb in loader:
+        if len(yb) < 2:
+            continue  # a batch of one breaks batch norm and teaches nothing
+        xb, yb = _to_device(xb, yb, device)
+        with autocast():
+            logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(yb)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += len(yb)
+    seen = max(1, seen)
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+def _to_device(xb: torch.Tensor, yb: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # non_blocking: from pinned memory the copy overlaps the previous step's compute.
+    return xb.to(device, non_blocking=True).float(), yb.to(device, non_blocking=True).long()
+
+
 def _improved(value: float, best: float, min_delta: float, maximize: bool) -> bool:
     return value > best + min_delta if maximize else value < best - min_delta
 
 
 def _finish(
-    state: _LoopState, model: nn.Module, data: DataBundle, autocast: Callable, status: str, reason: str | None
+    state: _LoopState, model: nn.Module, evaluate_test: Callable[[], tuple[float, float]], status: str,
+    reason: str | None,
 ) -> TrialResult:
     """Restore the best weights and evaluate them on the test split."""
     result = TrialResult(
@@ -275,7 +385,7 @@ def _finish(
     )
     if status == "COMPLETE" and state.best_state is not None:
         model.load_state_dict(state.best_state)
-        result.test_loss, result.test_accuracy = evaluate(model, data.x_test, data.y_test, autocast)
+        result.test_loss, result.test_accuracy = evaluate_test()
     return result
 
 

@@ -4,76 +4,164 @@ The trial only reports; it knows nothing of Optuna or MLflow (the driver does
 those writes, fed by these reports). Each epoch's metrics go out through
 `ray.tune.report`, with a checkpoint every `train.checkpoint_every` epochs so a
 crashed worker resumes where it was. A last report, marked `dlsearch_final`,
-carries how the trial ended, its test metrics and the best weights.
+carries how the trial ended, its test metrics and, in its checkpoint, the model
+(`model/best.pt`: the best weights; `model/last.pt`: a custom trainable's last
+checkpoint) for the driver to log.
+
+Files a custom trainable logs (`report.log_artifact`) travel the same way: they
+are copied into every checkpoint written after them (under `artifacts/`), so the
+driver finds them in the trial's last checkpoint however the trial ended, and a
+restarted trial gets them back. Tune stores checkpoints where the driver can read
+them: SQLite and MLflow keep a single writer.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import ray
 import torch
 from ray import tune
 
 from dlsearch.config import trial_config
+from dlsearch.custom_trainable import run_custom_trainable
 from dlsearch.data import load_data
+from dlsearch.entrypoints import add_search_paths
 from dlsearch.spec import StudySpec
 from dlsearch.train import train_trial
 
 FINAL = "dlsearch_final"  # marks the last report of a trial: not an epoch, never pruned on
+METRICS_KEY = "dlsearch_metrics"  # an epoch's metric names, comma-separated: what the driver logs
 STATE_FILE = "state.pt"  # resume state inside a Tune checkpoint
-BEST_FILE = "best.pt"  # the best epoch's weights inside the final checkpoint
+MODEL_DIR = "model"  # inside the final checkpoint: what MLflow gets as the trial's checkpoint
+BEST_FILE = "best.pt"  # the best epoch's weights (built-in loop)
+LAST_FILE = "last.pt"  # a custom trainable's last checkpoint
+ARTIFACTS_DIR = "artifacts"  # files a custom trainable logged
 
 
-def run_trial(config: Mapping[str, Any], spec: StudySpec) -> None:
-    """The Tune function trainable. `config` is what the driver's searcher suggested."""
+def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[str] = ()) -> None:
+    """The Tune function trainable. `config` is what the driver's searcher suggested.
+
+    `code_paths` are the driver's folders for user code (the study's folder, its working
+    directory); the worker looks there first for the study's entry points.
+    """
+    add_search_paths(code_paths)
     number = int(config["number"])
     cfg = trial_config(spec, config["params"], number)
-    resume = _load_resume_state()
+    reporter = _TuneReporter()
     try:
-        data = load_data(cfg.data, cfg.data_seed)  # cached per worker: reused actors load it once
-        result = train_trial(cfg, data, _report, resume=resume)
-    except Exception as err:  # noqa: BLE001 - any error ends this trial as FAIL; the study goes on
-        detail = traceback.format_exception_only(type(err), err)[-1].strip()
-        tune.report({FINAL: 1, "state": "FAIL", "fail_reason": detail[:500]})
-        return
-    final = {
-        FINAL: 1,
-        "state": result.state,
-        "fail_reason": result.fail_reason or "",
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch or 0,
-        "test_loss": result.test_loss,
-        "test_accuracy": result.test_accuracy,
-        "epoch_time_s": result.epoch_time_s,
-        **{f"best.{k}": v for k, v in result.best_metrics.items()},
-    }
-    if result.state == "COMPLETE" and result.best_state is not None:
+        resume = reporter.restore()
+        try:
+            if cfg.trainable:
+                result = run_custom_trainable(cfg, reporter, resume=resume, on_artifact=reporter.add_artifact)
+            else:
+                data = load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)  # cached per worker
+                result = train_trial(cfg, data, reporter, resume=resume)
+        except Exception as err:  # noqa: BLE001 - any error ends this trial as FAIL; the study goes on
+            detail = traceback.format_exception_only(type(err), err)[-1].strip()
+            reporter.final({FINAL: 1, "state": "FAIL", "fail_reason": detail[:500]})
+            return
+        complete = result.state == "COMPLETE"
+        reporter.final(
+            {
+                FINAL: 1,
+                "state": result.state,
+                "fail_reason": result.fail_reason or "",
+                "epochs_run": result.epochs_run,
+                "best_epoch": result.best_epoch or 0,
+                "test_loss": result.test_loss,
+                "test_accuracy": result.test_accuracy,
+                "epoch_time_s": result.epoch_time_s,
+                **{f"best.{k}": v for k, v in result.best_metrics.items()},
+                **{f"final.{k}": v for k, v in result.final_metrics.items()},
+            },
+            model={BEST_FILE: result.best_state, LAST_FILE: result.final_checkpoint} if complete else {},
+        )
+    finally:
+        reporter.close()  # also when Tune stops a pruned trial (a SystemExit out of tune.report)
+
+
+class _TuneReporter:
+    """The report callable of a trial under Tune: epochs to the driver, checkpoints to Tune's storage."""
+
+    def __init__(self) -> None:
+        # Tune adds hostname and node_ip to each result; the Ray node id names the node for the driver.
+        self._node = {"node_id": ray.get_runtime_context().get_node_id()}
+        self._folder = Path(tempfile.mkdtemp(prefix="dlsearch-trial-"))
+        self._state = self._folder / STATE_FILE  # the last resume state, carried into later checkpoints
+        self._artifacts = self._folder / ARTIFACTS_DIR
+        self._new_artifacts = False
+
+    def __call__(self, epoch: int, metrics: Mapping[str, float], checkpoint: dict | None = None) -> None:
+        row = {**metrics, "epoch": epoch, METRICS_KEY: ",".join(metrics), **self._node}
+        if checkpoint is not None:
+            tmp = self._state.with_suffix(".tmp")
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, self._state)  # a new file: an earlier checkpoint's hard link keeps its content
+        if checkpoint is None and not self._new_artifacts:
+            tune.report(row)
+            return
+        self._new_artifacts = False
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(result.best_state, Path(tmp) / BEST_FILE)
-            tune.report(final, checkpoint=tune.Checkpoint.from_directory(tmp))
-    else:
-        tune.report(final)
+            self._stage(Path(tmp))
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))  # copied to storage before return
 
+    def add_artifact(self, path: Path) -> None:
+        """Copy a file or folder the trainable logged; it goes out with the next report."""
+        self._artifacts.mkdir(exist_ok=True)
+        target = self._artifacts / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        if path.is_dir():
+            shutil.copytree(path, target)
+        else:
+            shutil.copyfile(path, target)
+        self._new_artifacts = True
 
-def _report(epoch: int, metrics: Mapping[str, float], checkpoint: dict | None = None) -> None:
-    row = {**metrics, "epoch": epoch}
-    if checkpoint is None:
-        tune.report(row)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(checkpoint, Path(tmp) / STATE_FILE)
-        tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))  # copied to storage before return
-
-
-def _load_resume_state() -> dict | None:
-    """The last checkpoint of this trial, when Ray restarted it after its worker died."""
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        path = Path(folder) / STATE_FILE
+    def restore(self) -> dict | None:
+        """The last checkpoint of this trial, when Ray restarted it after its worker died."""
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            if (Path(folder) / ARTIFACTS_DIR).is_dir():
+                shutil.copytree(Path(folder) / ARTIFACTS_DIR, self._artifacts, dirs_exist_ok=True)
+            path = Path(folder) / STATE_FILE
+            if not path.exists():
+                return None
+            shutil.copyfile(path, self._state)
         # Our own file, written by this trial: full unpickling is safe here.
-        return torch.load(path, weights_only=False) if path.exists() else None
+        return torch.load(self._state, weights_only=False)
+
+    def final(self, result: dict[str, Any], model: Mapping[str, Any] | None = None) -> None:
+        """The trial's last report; its checkpoint holds the model files and every logged artifact."""
+        result = {**result, **self._node}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            for name, obj in (model or {}).items():
+                if obj is not None:
+                    (folder / MODEL_DIR).mkdir(exist_ok=True)
+                    torch.save(obj, folder / MODEL_DIR / name)
+            if self._artifacts.is_dir():
+                shutil.copytree(self._artifacts, folder / ARTIFACTS_DIR)
+            if any(folder.iterdir()):
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+            else:
+                tune.report(result)
+
+    def close(self) -> None:
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _stage(self, folder: Path) -> None:
+        if self._state.exists():
+            try:
+                os.link(self._state, folder / STATE_FILE)  # no copy of a model-sized file
+            except OSError:
+                shutil.copyfile(self._state, folder / STATE_FILE)
+        if self._artifacts.is_dir():
+            shutil.copytree(self._artifacts, folder / ARTIFACTS_DIR)

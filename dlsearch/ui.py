@@ -6,7 +6,7 @@ epoch is one plain line, so logs stay readable.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 from rich.console import Console
 from rich.live import Live
@@ -14,6 +14,7 @@ from rich.table import Table
 
 _BARS = "▁▂▃▄▅▆▇█"
 _COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s")
+_NOT_SHOWN = ("generalization_gap",)  # the built-in loop's metric left out of the table (val_loss - train_loss)
 
 
 class EpochTable:
@@ -23,6 +24,7 @@ class EpochTable:
         self.console = console
         self.title = title
         self.rows: list[tuple[int, Mapping[str, float]]] = []
+        self.columns: list[str] = list(_COLUMNS)  # a custom trainable's own metrics are appended
         self._live: Live | None = None
 
     def __enter__(self) -> "EpochTable":
@@ -39,18 +41,22 @@ class EpochTable:
 
     def add(self, epoch: int, metrics: Mapping[str, float], checkpoint: dict | None = None) -> None:
         self.rows.append((epoch, dict(metrics)))
+        for column in (c for c in metrics if c not in self.columns and c not in _NOT_SHOWN):
+            self.columns.insert(self.columns.index("epoch_time_s"), column)  # the time stays last
         if self._live is not None:
             self._live.update(self._render())
         else:
-            cells = [f"{c}={_fmt(c, metrics[c])}" for c in _COLUMNS[1:] if c in metrics]
+            cells = [f"{c}={_fmt(c, metrics[c])}" for c in self.columns[1:] if c in metrics]
             self.console.print(f"epoch {epoch}: " + " ".join(cells), markup=False)
 
     def _render(self) -> Table:
         table = Table(title=self.title or None, title_justify="left")
-        for column in _COLUMNS:
+        columns = ([c for c in self.columns if c == "epoch" or any(c in m for _, m in self.rows)] if self.rows
+                   else self.columns)
+        for column in columns:
             table.add_column(column, justify="right")
         for epoch, metrics in self.rows:
-            table.add_row(str(epoch), *(_fmt(c, metrics.get(c)) for c in _COLUMNS[1:]))
+            table.add_row(str(epoch), *(_fmt(c, metrics.get(c)) for c in columns[1:]))
         return table
 
 
@@ -106,7 +112,8 @@ class StudyProgress:
             self.budget, self.finished_before = info["budget"], info["finished"]
             self._say_start(info)
             if self.console.is_terminal and info["remaining"] > 0:
-                self._live = Live(self._render(), console=self.console, refresh_per_second=2)
+                # A renderable that redraws from the current state, so elapsed and ETA tick between events.
+                self._live = Live(_Redraw(self._render), console=self.console, refresh_per_second=2)
                 self._live.__enter__()
         elif kind == "trial_start":
             self.running[info["number"]] = {"epoch": 0, "value": None, "params": info["params"]}
@@ -122,12 +129,11 @@ class StudyProgress:
                 self.console.print(self._trial_line(info), markup=False)
         elif kind == "end":
             if self._live is not None:
-                self._live.update(self._render())
                 self._live.__exit__(None, None, None)
                 self._live = None
             return
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.refresh()
 
     def _say_start(self, info: Mapping) -> None:
         if info.get("fresh"):
@@ -173,6 +179,16 @@ class StudyProgress:
             value = "" if row["value"] is None else f"{row['value']:.4f}"
             table.add_row(str(number), str(row["epoch"]), value, params)
         return table
+
+
+class _Redraw:
+    """A rich renderable that calls `render()` each time Live draws it."""
+
+    def __init__(self, render: Callable[[], Table]):
+        self._render = render
+
+    def __rich__(self) -> Table:
+        return self._render()
 
 
 def _clock(seconds: float) -> str:

@@ -430,7 +430,8 @@ def test_to_moves_every_tensor() -> None:
     assert all(getattr(moved, name).device.type == "meta" for name in data._TENSOR_FIELDS)
 
 
-def test_custom_is_not_implemented_yet() -> None:
-    with pytest.raises(NotImplementedError, match="data.factory"):
+def test_custom_factory_that_cannot_be_imported_is_a_data_error_naming_the_key() -> None:
+    # Custom data is the factory's (tests/test_custom.py); validate checks the entry point, not the data.
+    with pytest.raises(DataError, match=r"^data.factory: cannot import 'my.data': ModuleNotFoundError"):
         load_data(DataSpec(dataset="custom", factory="my.data:load"), seed=0)
     assert check_data_available(DataSpec(dataset="custom", factory="my.data:load")) == []

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dlsearch.entrypoints import EntryPointError
 from dlsearch.models import build_model, count_parameters, init_weights
 from dlsearch.spec import ModelSpec
 
@@ -66,8 +67,9 @@ def test_cnn_rejects_tabular_input_naming_the_shape() -> None:
         build_model(ModelSpec(kind="cnn"), (20,), 4)
 
 
-def test_custom_kind_is_not_built_here() -> None:
-    with pytest.raises(NotImplementedError):
+def test_custom_kind_resolves_its_factory_and_names_the_key_when_it_cannot() -> None:
+    # Custom models end to end: tests/test_custom.py.
+    with pytest.raises(EntryPointError, match=r"^model.factory: cannot import 'x.y': ModuleNotFoundError"):
         build_model(ModelSpec(kind="custom", factory="x.y:z"), (20,), 4)
 
 

@@ -51,8 +51,8 @@ def test_a_huge_learning_rate_fails_the_overfit_check_and_blames_the_learning_ra
 
 
 def _build_then(change: Any) -> Any:
-    def build(*args: Any) -> torch.nn.Module:
-        model = build_model(*args)
+    def build(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        model = build_model(*args, **kwargs)
         change(model)
         return model
 
