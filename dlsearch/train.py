@@ -18,7 +18,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -295,33 +295,9 @@ def _train_epoch(
     autocast: Callable,
 ) -> tuple[float, float]:
     """One pass over the training split in index batches; mean loss and accuracy while training."""
-    model.train()
-    n = len(y)
-    perm = torch.randperm(n, device=x.device, generator=shuffle)
-    # Sums stay on the device: one sync per epoch instead of one per batch.
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    seen = 0
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for i in range(0, n, batch_size):
-        idx = perm[i : i + batch_size]
-        if len(idx) < 2:
-            continue  # a batch of one breaks batch norm and teaches nothing
-        xb, yb = x[idx], y[idx]
-        with autocast():
-            logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.detach().argmax(1) == yb).sum()
-        seen += len(idx)
-    seen = max(1, seen)
-    return loss_sum.item() / seen, correct.item() / seen
+    perm = torch.randperm(len(y), device=x.device, generator=shuffle)
+    batches = ((x[idx], y[idx]) for idx in perm.split(batch_size))
+    return _train_batches(model, optimizer, scheduler, batches, grad_clip, x.device, autocast)
 
 
 def _train_loader_epoch(
@@ -334,15 +310,29 @@ def _train_loader_epoch(
     autocast: Callable,
 ) -> tuple[float, float]:
     """`_train_epoch` for a DataLoader: the same steps, on batches the loader's workers read."""
+    batches = (_to_device(xb, yb, device) for xb, yb in loader)
+    return _train_batches(model, optimizer, scheduler, batches, grad_clip, device, autocast)
+
+
+def _train_batches(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    grad_clip: float,
+    device: torch.device,
+    autocast: Callable,
+) -> tuple[float, float]:
+    """The optimizer steps of one epoch; mean loss and accuracy over the batches while training."""
     model.train()
+    # Sums stay on the device: one sync per epoch instead of one per batch.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    for xb, yb in loader:
+    for xb, yb in batches:
         if len(yb) < 2:
             continue  # a batch of one breaks batch norm and teaches nothing
-        xb, yb = _to_device(xb, yb, device)
         with autocast():
             logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
