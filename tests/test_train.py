@@ -114,14 +114,21 @@ def test_early_stopping_fires_on_a_plateau() -> None:
     assert result.best_metrics == result.history[0]
 
 
-def test_the_best_epochs_weights_are_kept_and_tested() -> None:
-    # Maximizing val_loss makes epoch 1 the best while training goes on improving the weights,
-    # so the last epoch's weights are clearly not the best ones.
+def stopped_after_epoch_3() -> tuple:
+    """A trial whose best epoch is 1 and that early stopping ends at epoch 3.
+
+    Maximizing val_loss makes epoch 1 the best while training goes on improving the weights,
+    so the last epoch's weights are clearly not the best ones.
+    """
     cfg = make_cfg("train.epochs=20", "train.early_stopping.patience=2",
                    "objective.metric=val_loss", "objective.direction=maximize")
     data = data_for(cfg)
     report = Recorder()
-    result = train_trial(cfg, data, report)
+    return cfg, data, report, train_trial(cfg, data, report)
+
+
+def test_the_best_epochs_weights_are_kept_and_tested() -> None:
+    cfg, data, report, result = stopped_after_epoch_3()
     assert (result.epochs_run, result.best_epoch) == (3, 1)
     assert result.best_state is not None
     for key, value in result.best_state.items():
@@ -279,11 +286,7 @@ def test_resuming_from_a_checkpoint_finishes_like_an_uninterrupted_run() -> None
 
 def test_resuming_from_the_stopping_epochs_checkpoint_does_not_train_on() -> None:
     # A worker killed after its last report restarts from the checkpoint of the epoch that stopped it.
-    cfg = make_cfg("train.epochs=20", "train.early_stopping.patience=2",
-                   "objective.metric=val_loss", "objective.direction=maximize")
-    data = data_for(cfg)
-    report = Recorder()
-    full = train_trial(cfg, data, report)
+    cfg, data, report, full = stopped_after_epoch_3()
     assert full.epochs_run == 3
     resumed = train_trial(cfg, data, resume=report.checkpoints[3])
     assert resumed.epochs_run == 3
