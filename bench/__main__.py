@@ -9,9 +9,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import BENCHMARKS_MD, loop, overhead, pruning, replace_section, tracking, use_shared_data, write_json
+from bench import (
+    BENCHMARKS_MD,
+    loop,
+    memory,
+    overhead,
+    population,
+    pruning,
+    replace_section,
+    sampler,
+    tracking,
+    use_shared_data,
+    write_json,
+)
 
-SUITE = {"loop": loop, "overhead": overhead, "pruning": pruning, "tracking": tracking}
+SUITE = {"loop": loop, "overhead": overhead, "pruning": pruning, "tracking": tracking, "sampler": sampler,
+         "memory": memory, "population": population}
 
 
 def main(argv: list[str] | None = None) -> int:

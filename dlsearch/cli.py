@@ -48,6 +48,7 @@ def _handles_errors(f: Callable) -> Callable:
         from dlsearch.data import DataError
         from dlsearch.preflight import ServiceUnreachable, StudyBusy
         from dlsearch.spec import SpecError
+        from dlsearch.transfer import SourceError
 
         try:
             return f(*args, **kwargs)
@@ -56,6 +57,12 @@ def _handles_errors(f: Callable) -> Callable:
                 raise
             for line in err.problems:
                 err_console.print(line, markup=False)
+            sys.exit(EXIT_INPUT)
+        except SourceError as err:
+            if debug:
+                raise
+            text = str(err)
+            err_console.print(text if text.startswith("model.") else f"model.init_from: {text}", markup=False)
             sys.exit(EXIT_INPUT)
         except DataError as err:
             if debug:
@@ -103,6 +110,21 @@ def validate(study: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"ok: {describe(spec)}")
 
 
+def _trial_zero(spec: Any, console: Console) -> Any:
+    """The config of a single in-process trial with the study's fixed values, its `init_from` fetched."""
+    from dlsearch.config import trial_config
+
+    if spec.model.init_from is None:
+        return trial_config(spec, {}, number=0)
+    from dlsearch.tracker import with_local_source, with_source_architecture  # MLflow: only when needed
+
+    spec, changed = with_source_architecture(spec)
+    if changed:
+        shown = ", ".join(f"{k} {v}" for k, v in changed.items())
+        console.print(f"model: {shown} (the architecture of {spec.model.init_from})", markup=False)
+    return with_local_source(trial_config(spec, {}, number=0), spec.tracking.uri)
+
+
 @main.command()
 @click.argument("study", type=click.Path(dir_okay=False))
 @_set_option
@@ -117,16 +139,15 @@ def train(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
     state, epochs_run, best_epoch, best_metrics, test_accuracy, test_loss and
     the median epoch_time_s.
     """
-    from dlsearch.config import trial_config
     from dlsearch.data import load_data
     from dlsearch.spec import load_spec
     from dlsearch.train import train_trial
     from dlsearch.ui import EpochTable
 
     spec = load_spec(study, overrides)
-    cfg = trial_config(spec, {}, number=0)
-    data = None if cfg.trainable else load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)
     console = err_console if as_json else Console(highlight=False, soft_wrap=True)
+    cfg = _trial_zero(spec, console)
+    data = None if cfg.trainable else load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)
     with EpochTable(console, title=f"{spec.name}: one trial, {cfg.train.epochs} epochs max") as table:
         if data is None:
             from dlsearch.custom_trainable import run_custom_trainable
@@ -159,7 +180,6 @@ def sanity(study: str, overrides: tuple[str, ...], samples: int, steps: int) -> 
     subset with regularization off, and a finite loss. Prints each check with
     the number behind it and the loss curve; exit 1 if any check fails.
     """
-    from dlsearch.config import trial_config
     from dlsearch.data import load_data
     from dlsearch.sanity import run_sanity
     from dlsearch.spec import SpecError, load_spec
@@ -169,10 +189,10 @@ def sanity(study: str, overrides: tuple[str, ...], samples: int, steps: int) -> 
     if spec.trainable is not None:
         raise SpecError([f"trainable: sanity checks the built-in training loop; this study replaces it with "
                          f"{spec.trainable} (run `dlsearch train` instead)"])
-    cfg = trial_config(spec, {}, number=0)
+    console = Console(highlight=False, soft_wrap=True)
+    cfg = _trial_zero(spec, console)
     data = load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)
     result = run_sanity(cfg, data, n_samples=samples, n_steps=steps)
-    console = Console(highlight=False, soft_wrap=True)
     for check in result.checks:
         mark = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
         console.print(f"{mark} {check.name}: ", end="")

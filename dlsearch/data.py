@@ -204,14 +204,31 @@ def _build(spec: DataSpec, seed: int) -> DataBundle:
         x_pool, y_pool, x_test, y_test = _hold_out_test(x, y, spec.test_fraction)
     train_idx, val_idx = _train_val_indices(len(y_pool), spec, seed)
     x_train, x_val = x_pool[train_idx], x_pool[val_idx]
+    y_train = y_pool[train_idx]
+    if spec.resize is not None or spec.pad:
+        x_train, x_val, x_test = (_reshape_images(x, spec.resize, spec.pad) for x in (x_train, x_val, x_test))
+    if spec.shuffle_labels:
+        # Drawn from the study seed like the split: every trial gets the same wrong labels.
+        y_train = y_train[torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))]
     # Images share one mean/std (a pixel is a pixel); tabular columns have their own units.
     mean, std = _train_stats(x_train, per_feature=x_train.dim() == 2)
     for x in (x_train, x_val, x_test):
         x.sub_(mean).div_(std)  # in place: each is a fresh copy made by indexing or reading
     return DataBundle(
-        x_train=x_train, y_train=y_pool[train_idx], x_val=x_val, y_val=y_pool[val_idx],
+        x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_pool[val_idx],
         x_test=x_test, y_test=y_test, input_shape=tuple(x_train.shape[1:]), n_classes=n_classes,
     )
+
+
+def _reshape_images(x: torch.Tensor, size: int | None, pad: int) -> torch.Tensor:
+    """Images `(N, C, H, W)` resized to `size` x `size` (bilinear, antialiased), then `pad` background pixels
+    on every side: how 8x8 digits become MNIST-like 28x28 (20x20 ink box, 4 pixels of margin)."""
+    if size is not None:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+    if pad:
+        x = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=0.0)  # raw pixels: 0 is background
+    return x.contiguous()
 
 
 def _hold_out_test(x: torch.Tensor, y: torch.Tensor, fraction: float) -> tuple[torch.Tensor, ...]:
@@ -223,11 +240,10 @@ def _hold_out_test(x: torch.Tensor, y: torch.Tensor, fraction: float) -> tuple[t
 
 
 def _train_val_indices(n_pool: int, spec: DataSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices into the training pool: the `subset` if any, then `val_fraction` of it held out."""
+    """Indices into the training pool: at most `subset` of them if set, then `val_fraction` of those held out."""
     order = np.random.default_rng(seed % 2**64).permutation(n_pool)  # numpy seeds must be >= 0
     if spec.subset is not None:
-        if spec.subset > n_pool:
-            raise DataError(f"data.subset: must be at most the {n_pool} training samples (got {spec.subset})")
+        # An upper bound: `--set data.subset=5000` makes any study quick, also one with fewer samples.
         order = order[: spec.subset]
     n_val = _n_held_out(len(order), spec.val_fraction, "data.val_fraction")
     return torch.from_numpy(order[n_val:]), torch.from_numpy(order[:n_val])

@@ -25,7 +25,7 @@ from dlsearch.entrypoints import local_code, search_paths
 from dlsearch.preflight import ServiceUnreachable, check_ray_address, check_stores, study_lock
 from dlsearch.search import directions, make_pruner, make_sampler, suggest
 from dlsearch.spec import StudySpec
-from dlsearch.tracker import MlflowTracker, tracking_uri
+from dlsearch.tracker import MlflowTracker, fetch_checkpoint, tracking_uri, with_source_architecture
 
 INTERRUPTED = "interrupted"  # fail_reason of trials a killed or stopped driver left running
 
@@ -107,8 +107,18 @@ def run_study(
         from dlsearch.data import load_data
 
         load_data(spec.data, spec.seed)  # missing or corrupt data fails here (DataError), not in every trial
+    for ref in _init_sources(spec):  # a missing source fails here (SourceError, exit 2), not in every trial
+        fetch_checkpoint(ref, spec.tracking.uri, str(spec.path.parent) if spec.path else None)
+    spec, _ = with_source_architecture(spec)  # fine-tune the source's depth and width, as logged with it
     with study_lock(spec):
         return _run_locked(spec, started, trials, address, fresh, on_event or (lambda kind, info: None))
+
+
+def _init_sources(spec: StudySpec) -> list[str]:
+    """Every `model.init_from` a trial may use: the fixed one, or the searched choices."""
+    dim = spec.search.get("model.init_from")
+    refs = list(getattr(dim, "choices", [])) if dim is not None else [spec.model.init_from]
+    return [r for r in refs if isinstance(r, str)]
 
 
 def _run_locked(spec: StudySpec, started: float, trials: int | None, address: str | None, fresh: bool,
@@ -469,10 +479,11 @@ class _Driver:
 
         from dlsearch.data import first_samples, load_data
         from dlsearch.models import build_model
+        from dlsearch.practice import n_outputs
 
         cfg = trial_config(self.spec, best.params, best.number)
         data = load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)
-        model = build_model(cfg.model, data.input_shape, data.n_classes, base_dir=cfg.base_dir)
+        model = build_model(cfg.model, data.input_shape, n_outputs(cfg, data.n_classes), base_dir=cfg.base_dir)
         model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
         x, _ = first_samples(data, "test", 2)
         self.tracker.register_best(best.user_attrs["mlflow_run_id"], model, x.numpy())

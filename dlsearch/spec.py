@@ -18,12 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Val
 
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic", "csv", "custom")
 IMAGE_DATASETS = ("mnist", "fashion_mnist", "digits")
-MODEL_KINDS = ("mlp", "cnn", "custom")
+MODEL_KINDS = ("mlp", "cnn", "lstm", "gru", "transformer", "custom")
+SEQUENCE_KINDS = ("lstm", "gru", "transformer")  # read an image row by row (or patch by patch)
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh", "sigmoid")
 NORMS = ("none", "batch", "layer")
 INITS = ("kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "orthogonal", "default")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
+LOSSES = ("auto", "cross_entropy", "bce")
+IMAGE_SIDES = {"mnist": 28, "fashion_mnist": 28, "digits": 8}  # height = width of the built-in image datasets
 SAMPLERS = ("random", "grid", "tpe", "cmaes", "gp", "qmc", "nsga2")
 PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "patient", "threshold", "wilcoxon")
 # What the built-in loop reports every epoch; any of them can be the objective.
@@ -53,7 +56,7 @@ class DataSpec(_Section):
     dataset: Literal[DATASETS]
     root: str | None = None
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    subset: int | None = Field(None, gt=0)
+    subset: int | None = Field(None, gt=0)  # use at most N training samples (quick runs)
     download: bool = True
     path: str | None = None  # csv: the file
     label_column: str = "label"  # csv: the column holding the class
@@ -63,19 +66,35 @@ class DataSpec(_Section):
     n_classes: int = Field(4, ge=2)  # synthetic
     factory: str | None = None  # custom: "package.module:function", called as factory(data section, seed)
     n_workers: int | None = Field(None, ge=0)  # DataLoader processes for torch Datasets; None: CPU threads - 1
+    resize: int | None = Field(None, gt=0)  # image datasets: resize to resize x resize pixels (bilinear)
+    pad: int = Field(0, ge=0)  # image datasets: background pixels added on every side, after resize
+    # The randomization test (Zhang et al. 2017), and a planted bug for `dlsearch sanity`:
+    # training labels permuted, so nothing but memorization can fit them. Val and test keep theirs.
+    shuffle_labels: bool = False
 
 
 class ModelSpec(_Section):
     model_config = ConfigDict(extra="allow")  # extra keys survive only for `kind: custom`
     kind: Literal[MODEL_KINDS] = "mlp"
-    depth: int = Field(2, ge=0)  # mlp: hidden layers; cnn: conv blocks
-    width: int = Field(256, gt=0)  # mlp: hidden units; cnn: units of the dense layer before the head
+    depth: int = Field(2, ge=0)  # mlp: hidden layers; cnn: conv blocks; lstm/gru/transformer: layers
+    width: int = Field(256, gt=0)  # mlp: hidden units; cnn: dense units before the head; lstm/gru: hidden size;
+    # transformer: d_model
     activation: Literal[ACTIVATIONS] = "relu"
     dropout: float = Field(0.1, ge=0, lt=1)
     norm: Literal[NORMS] = "none"
     init: Literal[INITS] = "kaiming_normal"
     channels: int = Field(32, gt=0)  # cnn: channels of the first block, doubled per block
     kernel_size: int = Field(3, gt=0)  # cnn
+    bidirectional: bool = False  # lstm/gru: read the sequence both ways
+    heads: int = Field(4, gt=0)  # transformer: attention heads; must divide width
+    patch_size: int = Field(0, ge=0)  # transformer: square patches as tokens; 0 takes image rows as tokens
+    pooling: Literal["cls", "mean"] = "cls"  # transformer: a class token, or the mean of the tokens
+    # Transfer learning: start from trained weights (an MLflow run id, models:/<name>@<alias> or
+    # models:/<name>/<version>, or a checkpoint file); a head of another shape is drawn new.
+    init_from: str | None = None
+    # Parameters kept fixed in training: "backbone" (all but the head), "none", or layer names
+    # (prefixes of parameter names: [hidden.0, hidden.1]).
+    freeze: Union[Literal["none", "backbone"], list[str]] = "none"
     factory: str | None = None  # custom: "package.module:function", called as factory(model, input_shape, n_classes)
 
     @model_validator(mode="before")
@@ -92,6 +111,13 @@ class EarlyStoppingSpec(_Section):
     min_delta: float = Field(0.0, ge=0)  # the least change that counts as improvement
 
 
+class AugmentSpec(_Section):
+    """Random image transforms drawn per sample, on the device, in training only."""
+
+    shift_px: float = Field(0.0, ge=0)  # the most an image moves up/down and left/right, in pixels
+    rotate_deg: float = Field(0.0, ge=0, le=180)  # the most an image turns either way, in degrees
+
+
 class TrainSpec(_Section):
     epochs: int = Field(20, gt=0)
     batch_size: int = Field(128, gt=0)
@@ -103,10 +129,16 @@ class TrainSpec(_Section):
     warmup_epochs: float = Field(1.0, ge=0)  # warmup_cosine: linear warmup length
     step_epochs: int = Field(5, gt=0)  # step: epochs between decays
     step_gamma: float = Field(0.1, gt=0, le=1)  # step: decay factor
-    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 turns it off
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm (or max |gradient|, see grad_clip_mode); 0: off
+    grad_clip_mode: Literal["norm", "value"] = "norm"  # clip the global norm, or each gradient element
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # share of the target spread over the other classes
+    # auto: one logit with sigmoid + binary cross-entropy for 2 classes, else softmax cross-entropy.
+    loss: Literal[LOSSES] = "auto"
+    augment: AugmentSpec = AugmentSpec()
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast, used on CUDA only
+    # Mixed precision on CUDA (CPU stays fp32): bf16 autocast, or fp16 autocast with loss scaling.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     checkpoint_every: int = Field(1, gt=0)  # epochs between checkpoints a crashed trial resumes from
 
 
@@ -278,6 +310,7 @@ def spec_from_dict(
     """
     problems: list[str] = []
     raw = _apply_overrides(raw, overrides, problems)
+    raw = _resolve_data_path(raw, base_dir)
     _check_unknown_keys(raw, problems)
     try:
         spec = StudySpec.model_validate(raw)
@@ -295,6 +328,18 @@ def spec_from_dict(
         raise SpecError(_dedupe(problems))
     spec._overrides = tuple(overrides)
     return spec
+
+
+def _resolve_data_path(raw: dict, base_dir: str | Path | None) -> dict:
+    """A relative `data.path` names a file beside the study file when there is one there, else in the cwd."""
+    data = raw.get("data")
+    path = data.get("path") if isinstance(data, dict) else None
+    if base_dir is None or not isinstance(path, str) or not path or Path(path).is_absolute():
+        return raw
+    beside = Path(base_dir) / path
+    if not beside.is_file():
+        return raw
+    return {**raw, "data": {**data, "path": str(beside.resolve())}}
 
 
 class _StudyLoader(yaml.SafeLoader):
@@ -711,6 +756,7 @@ def _check_rest(spec: StudySpec) -> list[str]:
         out.append("model.factory: is required for kind custom (\"package.module:function\")")
     if spec.model.kind != "custom" and spec.model.factory:
         out.append(f"model.factory: is used only with kind custom (got kind {spec.model.kind})")
+    out += _check_practice(spec)
     if spec.model.kind == "cnn" and spec.model.kernel_size % 2 == 0:
         out.append(f"model.kernel_size: must be odd so that convolutions keep the image size (got {spec.model.kernel_size})")
     gpus = spec.resources.gpus_per_trial
@@ -727,6 +773,41 @@ def _check_rest(spec: StudySpec) -> list[str]:
     from dlsearch.search import check_optuna_options  # Optuna lives in dlsearch.search
 
     out += check_optuna_options(spec.sampler, spec.pruner)
+    return out
+
+
+def _check_practice(spec: StudySpec) -> list[str]:
+    """The rules of the sequence models, augmentation, losses and transfer learning (fixed values)."""
+    out: list[str] = []
+    m, d, t = spec.model, spec.data, spec.train
+    image = d.dataset in IMAGE_DATASETS or d.dataset == "custom"
+    if not image and (d.resize is not None or d.pad):
+        key = "data.resize" if d.resize is not None else "data.pad"
+        out.append(f"{key}: applies to image datasets ({', '.join(IMAGE_DATASETS)}) (got dataset {d.dataset})")
+    if not image and (t.augment.shift_px or t.augment.rotate_deg):
+        key = "train.augment.shift_px" if t.augment.shift_px else "train.augment.rotate_deg"
+        out.append(f"{key}: augmentation transforms images; dataset {d.dataset} gives flat features")
+    if m.kind in SEQUENCE_KINDS and m.depth == 0:
+        out.append(f"model.depth: {m.kind} needs at least one layer (got 0)")
+    if m.kind == "transformer" and m.patch_size and d.dataset in ("synthetic", "csv"):
+        out.append(f"model.patch_size: patches need images; dataset {d.dataset} gives flat features "
+                   f"(use 0: each feature a token) (got {m.patch_size})")
+    if m.kind == "transformer" and m.width % m.heads:
+        out.append(f"model.heads: must divide model.width (the d_model) (got heads {m.heads}, width {m.width})")
+    side = (d.resize or IMAGE_SIDES[d.dataset]) + 2 * d.pad if d.dataset in IMAGE_SIDES else None
+    if m.kind == "transformer" and m.patch_size and side is not None and side % m.patch_size:
+        out.append(f"model.patch_size: must divide the image side {side} of {d.dataset} (got {m.patch_size})")
+    n_classes = {"mnist": 10, "fashion_mnist": 10, "digits": 10, "synthetic": d.n_classes}.get(d.dataset)
+    if t.loss == "bce" and n_classes not in (None, 2):
+        out.append(f"train.loss: bce (one logit) needs 2 classes; {d.dataset} has {n_classes} (use auto)")
+    if m.init_from is not None:
+        from dlsearch.transfer import source_problem  # torch-free check of the reference's form
+
+        line = source_problem(m.init_from, spec.path.parent if spec.path else None)
+        if line:
+            out.append(f"model.init_from: {line}")
+    if isinstance(m.freeze, list) and not all(isinstance(x, str) and x for x in m.freeze):
+        out.append(f"model.freeze: must be none, backbone or a list of layer names (got {m.freeze})")
     return out
 
 

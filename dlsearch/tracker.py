@@ -11,6 +11,8 @@ nothing here reads or logs them. Per-epoch metrics are buffered and written with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import io
 import time
 from pathlib import Path
@@ -168,6 +170,8 @@ class MlflowTracker:
         tags = [RunTag("dlsearch.state", state)]
         if fail_reason:
             tags.append(RunTag("dlsearch.fail_reason", fail_reason[:5000]))
+        if final.get("overfit_epoch"):  # the epoch validation loss turned up while training loss still fell
+            tags.append(RunTag("dlsearch.overfit_epoch", str(int(final["overfit_epoch"]))))
         for key, tag in (("node_id", "dlsearch.node"), ("node_ip", "dlsearch.node_ip"),
                          ("hostname", "dlsearch.hostname")):
             if node and node.get(key):
@@ -200,6 +204,98 @@ class MlflowTracker:
             return None
         self.client.set_registered_model_alias(self.spec.name, "best", str(version))
         return str(version)
+
+
+# The model keys that shape the weights: a source's values replace the study's (dropout, init do not).
+ARCHITECTURE_KEYS = ("kind", "depth", "width", "activation", "norm", "channels", "kernel_size", "bidirectional",
+                     "heads", "patch_size", "pooling")
+
+
+def with_source_architecture(spec: StudySpec) -> tuple[StudySpec, dict[str, Any]]:
+    """`spec` with the architecture of the MLflow run `model.init_from` names, and what that changed.
+
+    Fine-tuning "the MNIST best" means its depth and width, whatever the search found: they are
+    read from the source run's params. A checkpoint file carries no config: the study's model
+    section must describe it. Raises SourceError when the source is not there.
+    """
+    from dlsearch.transfer import MODEL_URI, RUN_ID
+
+    ref = spec.model.init_from
+    if ref is None or not (RUN_ID.match(ref) or MODEL_URI.match(ref)):
+        return spec, {}
+    client, run_id, _ = _source_run(ref, spec.tracking.uri)
+    params = client.get_run(run_id).data.params
+    source = {k: yaml.safe_load(params[f"model.{k}"]) for k in ARCHITECTURE_KEYS if f"model.{k}" in params}
+    changed = {k: v for k, v in source.items() if getattr(spec.model, k) != v}
+    if not changed:
+        return spec, {}
+    return spec.model_copy(update={"model": spec.model.model_copy(update=changed)}), changed
+
+
+def with_local_source(cfg: TrialConfig, uri: str) -> TrialConfig:
+    """`cfg` with `model.init_from` fetched to a local checkpoint file (from MLflow `uri` when it names a run)."""
+    if cfg.model.init_from is None:
+        return cfg
+    path = fetch_checkpoint(cfg.model.init_from, uri, cfg.base_dir)
+    return dataclasses.replace(cfg, model=cfg.model.model_copy(update={"init_from": str(path)}))
+
+
+def fetch_checkpoint(ref: str, uri: str, base_dir: str | None = None) -> Path:
+    """The local file of a `model.init_from` reference: a file as is, a run's or registered model's
+    `checkpoint/best.pt` downloaded from MLflow (once per process). Raises SourceError."""
+    from dlsearch.transfer import MODEL_URI, RUN_ID, SourceError, find_file, source_problem
+
+    if RUN_ID.match(ref) or MODEL_URI.match(ref):
+        return _download_checkpoint(ref, uri)
+    path = find_file(ref, base_dir)
+    if path is None:
+        raise SourceError(source_problem(ref, base_dir) or f"no checkpoint file {ref!r}")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _download_checkpoint(ref: str, uri: str) -> Path:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from dlsearch.transfer import SourceError
+
+    client, run_id, what = _source_run(ref, uri)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/best.pt",
+                                                        tracking_uri=client.tracking_uri)
+    except (MlflowException, OSError) as err:
+        raise SourceError(f"{what} has no checkpoint/best.pt in {client.tracking_uri} (only complete trials "
+                          f"keep one): {str(err).splitlines()[0][:200]}") from None
+    return Path(local)
+
+
+def _source_run(ref: str, uri: str) -> tuple[MlflowClient, str, str]:
+    """(client, run id, how to name it) for a run id or a `models:/` reference. Raises SourceError."""
+    from mlflow.exceptions import MlflowException
+
+    from dlsearch.transfer import MODEL_URI, SourceError
+
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+        if not db.is_file():  # MLflow would create an empty store; say what is missing instead
+            raise SourceError(f"{ref} is not in {uri}: there is no MLflow store at {db} yet "
+                              "(run the source study first, or give a checkpoint file)")
+        uri = f"sqlite:///{db}"
+    client = MlflowClient(tracking_uri=uri)
+    match = MODEL_URI.match(ref)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            if match is None:
+                return client, client.get_run(ref).info.run_id, f"run {ref}"
+            name, alias, version = match["name"], match["alias"], match["version"]
+            found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException:
+        hint = (f"run the study {match['name']!r} with tracking.register_best: true first" if match
+                else "copy the id from the MLflow UI")
+        raise SourceError(f"no {'registered model' if match else 'run'} {ref} in {uri} ({hint})") from None
+    return client, found.run_id, f"{ref} (run {found.run_id})"
 
 
 def tracking_uri(uri: str) -> str:

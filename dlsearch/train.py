@@ -7,6 +7,12 @@ stops improving, keeps the best weights, and evaluates them on the test split.
 The report callable may raise `TrialPruned` to stop the trial; it propagates.
 Tensor data (`DataBundle`) is batched by indexing on the device; torch Datasets
 (`DatasetBundle`, from a custom data factory) are read through DataLoaders.
+
+Practice built in: softmax cross-entropy (with optional label smoothing), or one
+logit with sigmoid + binary cross-entropy for 2-class tasks; gradient clipping
+by global norm or by value; random shifts and rotations of training images on
+the device; bf16 or fp16 (loss-scaled) autocast on CUDA; transfer learning from
+`model.init_from` with `model.freeze`'s layers kept fixed.
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dlsearch.config import TrialConfig
 from dlsearch.data import DataBundle, DatasetBundle
 from dlsearch.models import build_model
+from dlsearch.practice import find_overfit_epoch, is_binary, loss_fn, make_augment, n_outputs, predict
+from dlsearch.transfer import freeze, load_weights, read_state, set_train_mode
 
 
 class TrialPruned(Exception):
@@ -50,6 +57,7 @@ class TrialResult:
     test_loss: float | None = None
     test_accuracy: float | None = None
     epoch_time_s: float | None = None  # median over epochs
+    overfit_epoch: int | None = None  # where validation loss turned up while training loss kept falling
     fail_reason: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] | None = None
@@ -66,6 +74,7 @@ class TrialResult:
             "test_accuracy": self.test_accuracy,
             "test_loss": self.test_loss,
             "epoch_time_s": self.epoch_time_s,
+            "overfit_epoch": self.overfit_epoch,
             "fail_reason": self.fail_reason,
             "final_metrics": self.final_metrics,
         }
@@ -87,22 +96,31 @@ def train_trial(
     loaders = make_loaders(data, cfg, device) if isinstance(data, DatasetBundle) else None
     shuffle = loaders.generator if loaders else torch.Generator(device=device).manual_seed(cfg.seed)
 
-    model = build_model(cfg.model, data.input_shape, data.n_classes, base_dir=cfg.base_dir).to(device)
+    model = prepare_model(cfg, data.input_shape, data.n_classes, device)
+    binary = is_binary(cfg, data.n_classes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(t.optimizer, params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     n_train = len(loaders.train.dataset) if loaders else len(data.y_train)
     steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size > 1))
     scheduler = make_scheduler(t, optimizer, steps_per_epoch)
-    # bf16 autocast halves activation memory and speeds up matmuls on CUDA; CPU stays fp32.
-    use_bf16 = t.precision == "bf16" and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    # Mixed precision halves activation memory and speeds up matmuls on CUDA; CPU stays fp32.
+    # fp16 has a narrow range: its gradients are scaled up so that small ones do not flush to 0.
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if device.type == "cuda" else None
+    autocast = (lambda: torch.autocast("cuda", dtype=half)) if half is not None else contextlib.nullcontext
+    augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    step = _Step(
+        binary=binary, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip, clip_mode=t.grad_clip_mode,
+        scaler=torch.amp.GradScaler(device.type, enabled=half is torch.float16),
+        augment=make_augment(t.augment, augment_rng), autocast=autocast,
+    )
 
     metric, maximize = cfg.objective.metric, cfg.objective.direction == "maximize"
-    evaluate_test = (functools.partial(evaluate, model, data.x_test, data.y_test, autocast) if loaders is None
-                     else functools.partial(evaluate_loader, model, loaders.test, device, autocast))
+    evaluate_test = (functools.partial(evaluate, model, data.x_test, data.y_test, autocast, binary=binary)
+                     if loaders is None
+                     else functools.partial(evaluate_loader, model, loaders.test, device, autocast, binary=binary))
     state = _LoopState()
     if resume is not None:
-        state = _restore(resume, model, optimizer, scheduler, shuffle)
+        state = _restore(resume, model, optimizer, scheduler, shuffle, step.scaler, augment_rng)
 
     for epoch in range(state.epoch + 1, t.epochs + 1):
         # Early stopping, checked before the epoch so that a trial resumed from the checkpoint of
@@ -112,14 +130,14 @@ def train_trial(
         start = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
         if loaders is None:
-            train_loss, train_acc = _train_epoch(
-                model, optimizer, scheduler, data.x_train, data.y_train, t.batch_size, t.grad_clip, shuffle, autocast
-            )
-            val_loss, val_acc = evaluate(model, data.x_val, data.y_val, autocast)
+            perm = torch.randperm(len(data.y_train), device=device, generator=shuffle)
+            batches = ((data.x_train[idx], data.y_train[idx]) for idx in perm.split(t.batch_size))
+            train_loss, train_acc = _train_batches(model, optimizer, scheduler, batches, step, device)
+            val_loss, val_acc = evaluate(model, data.x_val, data.y_val, autocast, binary=binary)
         else:
-            train_loss, train_acc = _train_loader_epoch(model, optimizer, scheduler, loaders.train, t.grad_clip,
-                                                        device, autocast)
-            val_loss, val_acc = evaluate_loader(model, loaders.val, device, autocast)
+            batches = (_to_device(xb, yb, device) for xb, yb in loaders.train)
+            train_loss, train_acc = _train_batches(model, optimizer, scheduler, batches, step, device)
+            val_loss, val_acc = evaluate_loader(model, loaders.val, device, autocast, binary=binary)
         metrics = {
             "train_loss": train_loss,
             "train_accuracy": train_acc,
@@ -145,7 +163,8 @@ def train_trial(
 
         if report is not None:
             if epoch % t.checkpoint_every == 0:
-                report(epoch, metrics, checkpoint=_checkpoint(state, model, optimizer, scheduler, shuffle))
+                report(epoch, metrics, checkpoint=_checkpoint(state, model, optimizer, scheduler, shuffle,
+                                                              step.scaler, augment_rng))
             else:
                 report(epoch, metrics)
 
@@ -154,18 +173,18 @@ def train_trial(
 
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Callable = contextlib.nullcontext,
-    batch_size: int = 4096,
+    batch_size: int = 1024, *, binary: bool = False,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on (x, y), in eval mode."""
+    """Mean loss (cross-entropy, or binary cross-entropy of one logit) and accuracy of `model` on (x, y), in eval mode."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     with torch.no_grad(), autocast():
         for i in range(0, len(y), batch_size):
-            logits = model(x[i : i + batch_size]).float()
-            loss_sum += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum")
-            correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
+            logits = model(x[i : i + batch_size])
+            loss_sum += loss_fn(logits, y[i : i + batch_size], binary, reduction="sum")
+            correct += (predict(logits, binary) == y[i : i + batch_size]).sum()
     model.train(was_training)
     n = max(1, len(y))
     return loss_sum.item() / n, correct.item() / n
@@ -173,9 +192,9 @@ def evaluate(
 
 def evaluate_loader(
     model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-    autocast: Callable = contextlib.nullcontext,
+    autocast: Callable = contextlib.nullcontext, *, binary: bool = False,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` over the batches of `loader`, in eval mode."""
+    """`evaluate` over the batches of `loader`."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -184,9 +203,9 @@ def evaluate_loader(
     with torch.no_grad(), autocast():
         for xb, yb in loader:
             xb, yb = _to_device(xb, yb, device)
-            logits = model(xb).float()
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-            correct += (logits.argmax(1) == yb).sum()
+            logits = model(xb)
+            loss_sum += loss_fn(logits, yb, binary, reduction="sum")
+            correct += (predict(logits, binary) == yb).sum()
             n += len(yb)
     model.train(was_training)
     n = max(1, n)
@@ -223,6 +242,19 @@ def make_loaders(data: DatasetBundle, cfg: TrialConfig, device: torch.device) ->
         test=torch.utils.data.DataLoader(data.test, **common),
         generator=generator,
     )
+
+
+def prepare_model(cfg: TrialConfig, input_shape: tuple[int, ...], n_classes: int, device: torch.device) -> nn.Module:
+    """The trial's model on `device`: built and initialised, loaded from `model.init_from`, frozen per `model.freeze`.
+
+    `model.init_from` must be a local checkpoint file here (`dlsearch.tracker.with_local_source`
+    fetches MLflow references); the random init draws from the seed set before the call.
+    """
+    model = build_model(cfg.model, input_shape, n_outputs(cfg, n_classes), base_dir=cfg.base_dir)
+    if cfg.model.init_from is not None:
+        load_weights(model, read_state(cfg.model.init_from))
+    freeze(model, cfg.model.freeze)
+    return model.to(device)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -274,6 +306,19 @@ def lr_factor(t: Any, steps_per_epoch: int) -> Callable[[int], float]:
 
 
 @dataclass
+class _Step:
+    """How each optimizer step is taken: loss, clipping, fp16 loss scaling, augmentation, autocast."""
+
+    binary: bool
+    label_smoothing: float
+    grad_clip: float
+    clip_mode: str  # norm | value
+    scaler: torch.amp.GradScaler  # a pass-through unless fp16 on CUDA
+    augment: Callable[[torch.Tensor], torch.Tensor] | None
+    autocast: Callable
+
+
+@dataclass
 class _LoopState:
     epoch: int = 0
     best_value: float | None = None
@@ -283,48 +328,16 @@ class _LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    grad_clip: float,
-    shuffle: torch.Generator,
-    autocast: Callable,
-) -> tuple[float, float]:
-    """One pass over the training split in index batches; mean loss and accuracy while training."""
-    perm = torch.randperm(len(y), device=x.device, generator=shuffle)
-    batches = ((x[idx], y[idx]) for idx in perm.split(batch_size))
-    return _train_batches(model, optimizer, scheduler, batches, grad_clip, x.device, autocast)
-
-
-def _train_loader_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: torch.utils.data.DataLoader,
-    grad_clip: float,
-    device: torch.device,
-    autocast: Callable,
-) -> tuple[float, float]:
-    """`_train_epoch` for a DataLoader: the same steps, on batches the loader's workers read."""
-    batches = (_to_device(xb, yb, device) for xb, yb in loader)
-    return _train_batches(model, optimizer, scheduler, batches, grad_clip, device, autocast)
-
-
 def _train_batches(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    grad_clip: float,
+    step: _Step,
     device: torch.device,
-    autocast: Callable,
 ) -> tuple[float, float]:
     """The optimizer steps of one epoch; mean loss and accuracy over the batches while training."""
-    model.train()
+    set_train_mode(model)  # frozen layers stay in eval mode
     # Sums stay on the device: one sync per epoch instead of one per batch.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -333,17 +346,24 @@ def _train_batches(
     for xb, yb in batches:
         if len(yb) < 2:
             continue  # a batch of one breaks batch norm and teaches nothing
-        with autocast():
+        if step.augment is not None:
+            xb = step.augment(xb)
+        with step.autocast():
             logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb)
+            loss = loss_fn(logits, yb, step.binary, step.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
+        step.scaler.scale(loss).backward()
+        if step.grad_clip > 0:
+            step.scaler.unscale_(optimizer)  # clip true gradients, not fp16-scaled ones
+            if step.clip_mode == "value":
+                torch.nn.utils.clip_grad_value_(params, step.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, step.grad_clip)
+        step.scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+        step.scaler.update()
         scheduler.step()
         loss_sum += loss.detach() * len(yb)
-        correct += (logits.detach().argmax(1) == yb).sum()
+        correct += (predict(logits.detach(), step.binary) == yb).sum()
         seen += len(yb)
     seen = max(1, seen)
     return loss_sum.item() / seen, correct.item() / seen
@@ -370,6 +390,7 @@ def _finish(
         best_metrics=dict(state.history[state.best_epoch - 1]) if state.best_epoch else {},
         epoch_time_s=statistics.median(h["epoch_time_s"] for h in state.history) if state.history else None,
         fail_reason=reason,
+        overfit_epoch=find_overfit_epoch(state.history),
         history=state.history,
         best_state=state.best_state,
     )
@@ -381,7 +402,8 @@ def _finish(
 
 def _checkpoint(
     state: _LoopState, model: nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, shuffle: torch.Generator,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, shuffle: torch.Generator, scaler: torch.amp.GradScaler,
+    augment_rng: torch.Generator,
 ) -> dict[str, Any]:
     # state_dict() tensors share storage with the live model and optimizer: copy them, so a
     # checkpoint kept in memory still holds this epoch's state when training goes on.
@@ -395,19 +417,25 @@ def _checkpoint(
         "best_state": state.best_state,
         "history": list(state.history),
         **live,
+        "scaler": scaler.state_dict(),
         "shuffle_rng": shuffle.get_state(),
+        "augment_rng": augment_rng.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
 
 
 def _restore(
     ckpt: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, shuffle: torch.Generator,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, shuffle: torch.Generator, scaler: torch.amp.GradScaler,
+    augment_rng: torch.Generator,
 ) -> _LoopState:
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     shuffle.set_state(ckpt["shuffle_rng"])
+    if "scaler" in ckpt:  # checkpoints from before fp16 and augmentation have neither
+        scaler.load_state_dict(ckpt["scaler"])
+        augment_rng.set_state(ckpt["augment_rng"])
     torch.set_rng_state(ckpt["torch_rng"])
     return _LoopState(
         epoch=ckpt["epoch"],

@@ -51,12 +51,19 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
     directory); the worker looks there first for the study's entry points.
     """
     add_search_paths(code_paths)
+    # As many torch threads as CPUs the trial reserved: concurrent trials whose threads outnumber
+    # the cores spend their time waiting for each other (worst for small sequence-model ops).
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
     number = int(config["number"])
     cfg = trial_config(spec, config["params"], number)
     reporter = _TuneReporter()
     try:
         resume = reporter.restore()
         try:
+            if cfg.model.init_from is not None:
+                from dlsearch.tracker import with_local_source  # MLflow, imported only by transfer studies
+
+                cfg = with_local_source(cfg, spec.tracking.uri)
             if cfg.trainable:
                 result = run_custom_trainable(cfg, reporter, resume=resume, on_artifact=reporter.add_artifact)
             else:
@@ -77,6 +84,7 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
                 "test_loss": result.test_loss,
                 "test_accuracy": result.test_accuracy,
                 "epoch_time_s": result.epoch_time_s,
+                "overfit_epoch": result.overfit_epoch or 0,
                 **{f"best.{k}": v for k, v in result.best_metrics.items()},
                 **{f"final.{k}": v for k, v in result.final_metrics.items()},
             },

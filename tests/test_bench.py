@@ -26,3 +26,61 @@ def test_quick_overhead_and_tracking_benchmarks_run_and_print_their_figures() ->
     assert "overhead:" in out and "s/trial" in out and "dlsearch/peer" in out, out
     assert "tracking:" in out and "of in-trial time" in out and "log_batch" in out, out
     assert "wrote " not in out, "--no-write must leave BENCHMARKS.md and bench/out/ alone"
+
+
+def test_quick_loop_pruning_and_population_benchmarks_run_and_print_their_figures() -> None:
+    # overhead, tracking, sampler and memory have tests of their own in this file.
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-write", "loop", "pruning", "population"],
+        cwd=REPO, capture_output=True, text=True, timeout=540, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "ratio dlsearch/bare" in proc.stdout  # no speed assertion: a shared CI machine is noisy
+    assert "pruning:" in proc.stdout and "population:" in proc.stdout, proc.stdout[-3000:]
+    assert "wrote " not in proc.stdout
+
+
+def test_quick_sampler_and_memory_benchmarks_record_sane_figures() -> None:
+    from bench import __main__ as cli
+    from bench import memory, sampler, use_shared_data
+
+    assert cli.SUITE["sampler"] is sampler and cli.SUITE["memory"] is memory
+    use_shared_data()
+
+    result = sampler.run(quick=True)
+    plan = sampler.plan(quick=True)
+    assert {(g["sampler"], g["storage"]) for g in result["growths"]} == {
+        (s, st) for s in sampler.SAMPLERS for st in sampler.STORAGES}
+    for g in result["growths"]:
+        assert len(g["ask_ms"]) == len(g["tell_ms"]) == plan.n_trials
+        assert [a["n"] for a in g["at"]] == list(plan.points), "an ask time at each trial count"
+        for a in g["at"]:
+            lo, hi = a["window"]
+            assert 0 <= lo <= hi < plan.n_trials
+            assert 0 < a["ask_ms_min"] <= a["ask_ms"] < 60_000 and 0 < a["tell_ms"] < 60_000, a
+        assert 0.0 <= g["mean_value_first"] <= 1.0 and 0.0 <= g["best_value"] <= 1.0
+        # An ask creates a trial and sets every parameter: on SQLite, a transaction each.
+        assert (g["commits_per_ask"] >= 6) if g["storage"] == "sqlite" else (g["commits_per_ask"] == 0), g
+    assert all(r > 0 for r in result["tpe_over_random"].values())
+    text = sampler.markdown(result)
+    assert "| tpe | sqlite |" in text and "| random | memory |" in text and "TPE / random" in text, text
+    assert sampler.summary(result)
+
+    result = memory.run(quick=True)
+    (case,) = result["cases"]
+    n_samples = 0
+    for side in memory.SIDES:
+        s = case["sides"][side]
+        phases = [s[phase] for phase in ("imports", "data_loaded", "trained")]
+        assert all(0 < p["now_mib"] <= p["peak_mib"] < 64 * 1024 for p in phases), s
+        assert s["peak_mib"] == max(p["peak_mib"] for p in phases), s
+        # Each phase's peak starts from the RSS the phase before it ended with (1 MiB of slack for pages freed between).
+        assert phases[1]["peak_mib"] >= phases[0]["now_mib"] - 1 and phases[2]["peak_mib"] >= phases[1]["now_mib"] - 1, s
+        n_samples = sum(int(part.split()[0]) for part in s["data"].split(" / "))  # "N train / N val / N test"
+        assert s["data_bytes"] == n_samples * (28 * 28 * 4 + 8), s  # float32 images, int64 labels
+        assert (s["cuda_max_allocated"] is None) == (s["device"] == "cpu"), s
+    assert n_samples == 12_000  # data.subset=2000 (train + val) and the 10,000 test images
+    assert case["peak_ratio"] > 0
+    text = memory.markdown(result)
+    assert "| MNIST MLP (quick) | bare |" in text and "| MNIST MLP (quick) | dlsearch |" in text, text
+    assert memory.summary(result)

@@ -36,14 +36,14 @@ def child_runs(study: Path) -> dict[str, object]:
 
 
 def test_raising_and_nan_trials_fail_with_their_reason_and_the_study_goes_on(tmp_path: Path) -> None:
-    # data.subset=100000 only fails when the trial loads its data (digits has 1,437 training samples);
+    # train.loss=bce only fails when the trial builds its model (one logit needs 2 classes; digits has 10);
     # sgd at lr 1e6 without clipping turns the loss into NaN in the first epoch.
     study = write_study(
         tmp_path,
         budget={"trials": 6},
         train={"epochs": 3, "batch_size": 64, "optimizer": "sgd", "grad_clip": 0.0},
         search={
-            "data.subset": {"type": "categorical", "choices": [1000, 100000]},
+            "train.loss": {"type": "categorical", "choices": ["auto", "bce"]},
             "train.lr": {"type": "categorical", "choices": [0.05, 1.0e30]},
         },
         sampler={"type": "grid"},
@@ -57,9 +57,9 @@ def test_raising_and_nan_trials_fail_with_their_reason_and_the_study_goes_on(tmp
     by_id = {t.user_attrs["mlflow_run_id"]: t for t in trials}
     for t in trials:
         run = runs[t.user_attrs["mlflow_run_id"]]
-        if t.params["data.subset"] == 100000:
+        if t.params["train.loss"] == "bce":
             assert t.state == TrialState.FAIL
-            assert "data.subset" in t.user_attrs["fail_reason"]
+            assert "train.loss: bce (one logit) needs 2 classes (got 10)" in t.user_attrs["fail_reason"]
         elif t.params["train.lr"] == 1.0e30:
             assert t.state == TrialState.FAIL
             assert re.search(r"(train|val)_loss became (nan|inf) at epoch \d+", t.user_attrs["fail_reason"])
@@ -71,7 +71,7 @@ def test_raising_and_nan_trials_fail_with_their_reason_and_the_study_goes_on(tmp
             assert run.data.tags["dlsearch.fail_reason"] == t.user_attrs["fail_reason"]
     assert set(by_id) == set(runs)
     report = CliRunner().invoke(main, ["report", str(study)])
-    assert "the loss diverged" in report.output and "data.subset" in report.output
+    assert "the loss diverged" in report.output and "train.loss" in report.output
 
 
 def test_every_trial_failing_exits_1_with_the_reasons(tmp_path: Path) -> None:

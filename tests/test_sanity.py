@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from dlsearch import sanity
+from dlsearch import train as train_module
 from dlsearch.cli import main
 from dlsearch.config import TrialConfig, trial_config
 from dlsearch.data import DataBundle, load_data
@@ -36,7 +37,7 @@ def check(result: SanityResult, prefix: str) -> sanity.Check:
 def test_sanity_passes_on_the_digits_quickstart() -> None:
     result = run_sanity(*digits())
     assert result.passed, [c for c in result.checks if not c.passed]
-    assert [c.name.split()[0] for c in result.checks] == ["loss", "gradients", "loss", "overfits"]
+    assert [c.name.split()[0] for c in result.checks] == ["loss", "gradients", "loss", "overfits", "labels"]
     assert len(result.losses) == 200 and result.losses[-1] < 0.1 < result.losses[0]
     assert check(result, "gradients").detail.startswith("6/6 parameter tensors")
 
@@ -67,7 +68,7 @@ def test_a_frozen_last_layer_is_reported_by_the_gradient_check(monkeypatch: pyte
     def freeze_head(model: torch.nn.Module) -> None:
         _last_linear(model)[1].requires_grad_(False)
 
-    monkeypatch.setattr(sanity, "build_model", _build_then(freeze_head))
+    monkeypatch.setattr(train_module, "build_model", _build_then(freeze_head))
     cfg, data = digits()
     result = run_sanity(cfg, data, n_steps=20)
     head = _last_linear(build_model(cfg.model, data.input_shape, data.n_classes))[0]
@@ -83,12 +84,36 @@ def test_a_layer_no_gradient_reaches_is_reported(monkeypatch: pytest.MonkeyPatch
         with torch.no_grad():
             _last_linear(model)[1].weight.zero_()
 
-    monkeypatch.setattr(sanity, "build_model", _build_then(zero_head))
+    monkeypatch.setattr(train_module, "build_model", _build_then(zero_head))
     result = run_sanity(*digits(), n_steps=5)
     gradients = check(result, "gradients")
     assert not gradients.passed
     assert "2/6 parameter tensors" in gradients.detail
     assert "no gradient reaches hidden.0.linear.weight, hidden.0.linear.bias" in gradients.detail
+
+
+def test_a_last_layer_frozen_by_the_study_is_named_by_the_gradient_check() -> None:
+    result = run_sanity(*digits("model.freeze=[head]"), n_steps=50)
+    gradients = check(result, "gradients")
+    assert not gradients.passed
+    assert "the output layer is frozen by model.freeze (head.weight, head.bias)" in gradients.detail
+    assert not result.passed
+
+
+def test_a_frozen_backbone_is_frozen_on_purpose_and_passes() -> None:
+    gradients = check(run_sanity(*digits("model.freeze=backbone"), n_steps=5), "gradients")
+    assert gradients.passed, gradients.detail
+    assert gradients.detail == "2/6 parameter tensors get a gradient (4 frozen on purpose by model.freeze)"
+
+
+def test_shuffled_labels_fit_but_fail_the_signal_check_which_names_them() -> None:
+    healthy = check(run_sanity(*digits()), "labels")
+    assert healthy.passed and float(healthy.detail.split("held-out accuracy ")[1].split("%")[0]) > 60
+    result = run_sanity(*digits("data.shuffle_labels=true"))
+    assert check(result, "overfits").passed  # 64 samples can be memorized whatever their labels
+    signal = check(result, "labels")
+    assert not signal.passed and not result.passed
+    assert "labels do not go with the inputs" in signal.detail and "data.shuffle_labels is true" in signal.detail
 
 
 def test_cli_sanity_exit_1_names_the_failure_and_the_learning_rate() -> None:

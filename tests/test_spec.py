@@ -218,7 +218,7 @@ TABLE = [
     # unknown enum values
     ("unknown-dataset", {("data", "dataset"): "mnsit"}, "data.dataset", "must be one of mnist, fashion_mnist"),
     ("unknown-dataset-hint", {("data", "dataset"): "mnsit"}, "data.dataset", "did you mean mnist? (got 'mnsit')"),
-    ("unknown-model-kind", {("model", "kind"): "transformer"}, "model.kind", "must be one of mlp, cnn"),
+    ("unknown-model-kind", {("model", "kind"): "resnet"}, "model.kind", "must be one of mlp, cnn, lstm, gru, transformer"),
     ("unknown-activation", {("model", "activation"): "relu6"}, "model.activation", "must be one of relu, leaky_relu"),
     ("unknown-init", {("model", "init"): "glorot"}, "model.init", "must be one of kaiming_normal"),
     ("unknown-norm", {("model", "norm"): "group"}, "model.norm", "must be one of none, batch, layer"),
