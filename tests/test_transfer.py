@@ -172,7 +172,7 @@ def test_transfer_starts_from_the_source_and_beats_scratch_after_one_epoch(sourc
     uri, weights = source
     cfg = transfer_cfg(uri, "train.epochs=1")
     data = load_data(cfg.data, cfg.data_seed)
-    assert data.input_shape == (1, 28, 28) and len(data.y_train) == 150
+    assert data.input_shape == (1, 28, 28) and len(data.y_train) == 70
     torch.manual_seed(cfg.seed)
     model = prepare_model(cfg, data.input_shape, data.n_classes, torch.device("cpu"))
     assert model.state_dict().keys() == weights.keys()
