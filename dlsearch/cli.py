@@ -58,17 +58,13 @@ def _handles_errors(f: Callable) -> Callable:
             for line in err.problems:
                 err_console.print(line, markup=False)
             sys.exit(EXIT_INPUT)
-        except SourceError as err:
+        except (SourceError, DataError) as err:
             if debug:
                 raise
+            # Their messages name the key when they know it; else the section they come from.
+            section, key = ("model.", "model.init_from") if isinstance(err, SourceError) else ("data.", "data")
             text = str(err)
-            err_console.print(text if text.startswith("model.") else f"model.init_from: {text}", markup=False)
-            sys.exit(EXIT_INPUT)
-        except DataError as err:
-            if debug:
-                raise
-            text = str(err)
-            err_console.print(text if text.startswith("data.") else f"data: {text}", markup=False)
+            err_console.print(text if text.startswith(section) else f"{key}: {text}", markup=False)
             sys.exit(EXIT_INPUT)
         except (RunFailed, ServiceUnreachable, StudyBusy) as err:
             if debug:
