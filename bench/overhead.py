@@ -16,6 +16,9 @@ before any of them (so Ray's start-up is in none; it is reported on its own) and
 - dlsearch: `run_study` on studies/digits.yaml with `pruner: none` (every trial does the same
   work), every store in a temporary folder, `register_best: false` (the peer registers no
   model; everything else `dlsearch run` does at the end of a study is timed);
+- dlsearch with `resources.population` = the number of trials: the same study, but trials that
+  share the model's shapes train as one stacked model in one Tune trial (`dlsearch.population`);
+  a population's epoch counts once in the in-trial time (its members report the same epoch);
 - the peer: the script a user glues together from the libraries' documented integrations:
   `tune.Tuner` + `ray.tune.search.optuna.OptunaSearch` (the same define-by-run search space via
   `dlsearch.search.suggest`, the same TPE settings and seed) +
@@ -53,6 +56,7 @@ GOAL_RATIO = 0.1  # dlsearch's overhead / the peer's (with Tune's defaults)
 STUDY = "studies/digits.yaml"
 SIDE_NAMES = {
     "dlsearch": "dlsearch `run_study`",
+    "dlsearch_population": "dlsearch `run_study`, `resources.population` = trials",
     "peer": "peer, Tune defaults (fresh actor per trial)",
     "peer_reuse_actors": "peer, `reuse_actors=True`",
 }
@@ -70,7 +74,8 @@ class Setup:
 
 def setup(quick: bool) -> Setup:
     if quick:  # a smoke run: every code path once, no fairness measures; its figures mean little
-        return Setup(n_trials=2, epochs=1, concurrency=2, rounds=1, sides=("dlsearch", "peer"), warm_up=False)
+        return Setup(n_trials=2, epochs=1, concurrency=2, rounds=1, sides=("dlsearch", "dlsearch_population", "peer"),
+                     warm_up=False)
     return Setup(n_trials=16, epochs=3, concurrency=2, rounds=2, sides=tuple(SIDE_NAMES), warm_up=True)
 
 
@@ -78,7 +83,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Time every side in every round; JSON-ready raw results and the per-side means."""
     s = setup(quick)
     measure: dict[str, Callable[[Setup, Path], dict[str, Any]]] = {
-        "dlsearch": _dlsearch, "peer": _peer, "peer_reuse_actors": _peer_reusing_actors}
+        "dlsearch": _dlsearch, "dlsearch_population": _dlsearch_population, "peer": _peer,
+        "peer_reuse_actors": _peer_reusing_actors}
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in s.sides}
     with ray_session() as ray_start_s:
         from dlsearch.spec import load_spec
@@ -112,6 +118,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "sides": sides,
         "ratio": ratio,
         "ratio_reuse_actors": dls / reuse["overhead_per_trial_s"] if reuse else None,
+        "population_ratio": (sides["dlsearch_population"]["overhead_per_trial_s"] / sides["peer"]["overhead_per_trial_s"]
+                             if "dlsearch_population" in sides else None),
         "steady_ratio": sides["dlsearch"]["steady_overhead_per_trial_s"] / sides["peer"]["steady_overhead_per_trial_s"],
         "met_s": dls <= GOAL_S,
         "met_ratio": ratio <= GOAL_RATIO,
@@ -133,6 +141,8 @@ def summary(result: dict[str, Any]) -> list[str]:
             f"{'met' if result['met_ratio'] else 'NOT met'})")
     if result["ratio_reuse_actors"] is not None:
         line += f"; dlsearch/peer reusing actors {result['ratio_reuse_actors']:.3f}"
+    if result.get("population_ratio") is not None:
+        line += f"; dlsearch with populations/peer {result['population_ratio']:.3f}"
     lines.append(line + f"; 1-min load up to {result['load_1min_max']:.1f}")
     return lines
 
@@ -160,6 +170,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"| {'yes' if result['met_ratio'] else 'no'} |",
         f"| (for reference) steady state, dlsearch / peer with Tune's defaults | {result['steady_ratio']:.3f} | |",
     ]
+    pop = result["sides"].get("dlsearch_population")
+    if pop is not None:
+        goals += [
+            f"| dlsearch with populations: overhead ≤ {result['goal_s']} s/trial | {pop['overhead_per_trial_s']:.3f} s "
+            f"| {'yes' if pop['overhead_per_trial_s'] <= result['goal_s'] else 'no'} |",
+            f"| dlsearch with populations / peer with Tune's defaults ≤ {result['goal_ratio']} "
+            f"| {result['population_ratio']:.3f} | {'yes' if result['population_ratio'] <= result['goal_ratio'] else 'no'} |",
+        ]
     if result["ratio_reuse_actors"] is not None:
         goals.append(f"| (for reference) dlsearch / peer with `reuse_actors=True` | {result['ratio_reuse_actors']:.3f} | |")
     phases = (f"dlsearch's wall time splits into {d['before_first_trial_s']:.1f} s before its first trial (stores, "
@@ -207,18 +225,28 @@ def study_overrides(s: Setup, folder: Path) -> list[str]:
     ]
 
 
-def _dlsearch(s: Setup, folder: Path) -> dict[str, Any]:
+def _dlsearch_population(s: Setup, folder: Path) -> dict[str, Any]:
+    return _dlsearch(s, folder, population=s.n_trials)
+
+
+def _dlsearch(s: Setup, folder: Path, population: int = 1) -> dict[str, Any]:
     from dlsearch.runner import run_study
     from dlsearch.spec import load_spec
 
-    spec = load_spec(REPO / STUDY, study_overrides(s, folder))
+    spec = load_spec(REPO / STUDY, study_overrides(s, folder) + [f"resources.population={population}"])
     epoch_s: list[float] = []
     marks: dict[str, float] = {}
+    seen: set[tuple[Any, ...]] = set()
 
     def on_event(kind: str, info: Mapping[str, Any]) -> None:
         now = time.perf_counter()
         if kind == "epoch":
-            epoch_s.append(float(info["metrics"]["epoch_time_s"]))
+            marks["n_epochs"] = marks.get("n_epochs", 0) + 1
+            # The members of a population report the same epoch, timed once for all of them.
+            key = (info.get("population"), info["epoch"]) if info.get("population") else (info["number"], info["epoch"])
+            if key not in seen:
+                seen.add(key)
+                epoch_s.append(float(info["metrics"]["epoch_time_s"]))
             marks.setdefault("first_epoch", now)
         elif kind == "trial_start":
             marks.setdefault("first_trial_start", now)
@@ -232,7 +260,7 @@ def _dlsearch(s: Setup, folder: Path) -> dict[str, Any]:
         "wall_s": ended - started,
         "in_trial_s": sum(epoch_s),
         "n_trials": summary.n_complete + summary.n_pruned + summary.n_failed,
-        "n_epochs": len(epoch_s),
+        "n_epochs": marks["n_epochs"],
         "n_failed": summary.n_failed,
         "before_first_trial_s": marks["first_trial_start"] - started,
         "start_up_s": marks["first_epoch"] - marks["first_trial_start"],

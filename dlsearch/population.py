@@ -56,7 +56,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,17 +84,26 @@ class PopulationReport(Protocol):
     def __call__(self, member: int, epoch: int, metrics: Mapping[str, float]) -> bool | None: ...
 
 
+class EpochReport(Protocol):
+    """Called once per epoch with the metrics of every member still training; returns those to stop."""
+
+    def __call__(self, epoch: int, metrics: Mapping[int, Mapping[str, float]]) -> Iterable[int]: ...
+
+
 def train_population(
     cfgs: Sequence[TrialConfig],
     data: DataBundle,
     report: PopulationReport | None = None,
     *,
     shuffle_seed: int | None = None,
+    report_epoch: EpochReport | None = None,
 ) -> list[TrialResult]:
     """Train the members `cfgs` as one stacked model; one `TrialResult` per member, in order.
 
     `report(member, epoch, metrics)` gets member `member`'s metrics (the keys `train_trial`
     reports; `epoch_time_s` is the population's epoch) and may stop it: False or TrialPruned.
+    `report_epoch(epoch, {member: metrics})`, called once per epoch after `report` with every
+    member still training, returns the members to stop: one round trip per epoch (Tune's).
     Raises ValueError, naming every key at fault, when the members cannot share a population,
     and TypeError for torch Datasets (a `DatasetBundle`) in place of tensors.
     """
@@ -156,6 +165,11 @@ def train_population(
                         member.state = "PRUNED"
                 except TrialPruned:
                     member.state = "PRUNED"
+        if report_epoch is not None:
+            training = {i: members[i].history[-1] for i in rows if members[i].state is None}
+            for i in report_epoch(epoch, training) if training else ():
+                if members[i].state is None:
+                    members[i].state = "PRUNED"
     for i in rows:
         if members[i].state is None:
             members[i].state = "COMPLETE"

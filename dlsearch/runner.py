@@ -7,6 +7,7 @@ write, fed by what trials report: SQLite has one writer at a time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -46,6 +47,9 @@ class TrialRecord:
     n_epochs: int = 0
     final: dict[str, Any] | None = None
     node: dict[str, str] = field(default_factory=dict)  # node_id, node_ip, hostname of the last report
+    pruned_at: int | None = None  # the epoch the driver pruned a population member at
+    scale: float = 1  # times the per-trial resources it runs with (doubled after running out of memory)
+    population: list[int] = field(default_factory=list)  # the trial numbers it trained with, as one model
 
 
 @dataclass
@@ -194,16 +198,24 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
             if len(spec.objectives) == 1 else tune.schedulers.FIFOScheduler()
         )
         driver.scheduler = scheduler
+        if spec.resources.population > 1:
+            from dlsearch.trainable import PruneBoard
+
+            driver.board_name = f"dlsearch-prune-board-{os.getpid()}-{time.time_ns()}"
+            driver.board = ray.remote(num_cpus=0)(PruneBoard).options(name=driver.board_name).remote()
+        driver.to_ask = n_trials
         code_paths = [str(p) for p in search_paths(spec.path.parent if spec.path else None)]
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, spec=spec, code_paths=code_paths), {"cpu": cpus, "gpu": gpus_per_trial}
+        driver.resources = (cpus, gpus_per_trial, ray.cluster_resources().get("CPU", 1))
+        trainable = tune.with_resources(  # a trial retried after running out of memory asks for more
+            tune.with_parameters(run_trial, spec=spec, code_paths=code_paths),
+            functools.partial(_trial_resources, cpus, gpus_per_trial),
         )
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=_OptunaSearcher(driver),
                 scheduler=scheduler,
-                num_samples=n_trials,
+                num_samples=-1,  # the driver's searcher says when the budget is done (FINISHED)
                 max_concurrent_trials=min(concurrency, n_trials),
                 reuse_actors=True,  # a worker keeps its loaded data across the trials it runs
                 time_budget_s=spec.budget.timeout_s,
@@ -310,6 +322,15 @@ def _resources(spec: StudySpec, cluster: Mapping[str, float]) -> tuple[float, fl
     return r.cpus_per_trial, gpus, concurrency
 
 
+def _trial_resources(cpus: float, gpus: float, config: Mapping[str, Any]) -> Any:
+    """A Tune trial's resources: the study's per-trial share, times `resources_scale` for a trial that
+    ran out of memory with fewer (fewer neighbours on the node; a GPU share at most the whole GPU)."""
+    from ray.tune import PlacementGroupFactory
+
+    scale = float(config.get("resources_scale", 1))
+    return PlacementGroupFactory([{"CPU": cpus * scale, "GPU": min(1.0, gpus * scale) if gpus else 0}])
+
+
 def _ray_classes():
     from ray.tune import Callback
     from ray.tune.search import Searcher
@@ -339,7 +360,10 @@ class _OptunaSearcher(_DriverBound, _Searcher):
         return True
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        return _Searcher.FINISHED if self.driver.exhausted else self.driver.ask(trial_id)
+        if self.driver.exhausted:
+            # Not FINISHED while trials run: one that runs out of memory is queued again.
+            return None if self.driver.running() else _Searcher.FINISHED
+        return self.driver.ask(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass  # the driver closes trials in its callback, which sees the checkpoint and the error
@@ -396,23 +420,89 @@ class _Driver:
         self.scheduler: Any = None
         self.epochs_run = 0
         self.n_interrupted = 0
-        self.exhausted = False  # the sampler has nothing left to try (a finished grid)
+        self.grid_done = False  # the sampler has nothing left to try (a finished grid)
+        self.to_ask = 0  # Optuna trials still to ask for this run (`_run_on_ray` sets it)
+        self.resources: tuple[float, float, float] = (1, 0, 1)  # CPUs and GPUs per trial, the cluster's CPUs
+        # Populations (resources.population > 1): Tune trial id -> its members by trial number;
+        # asked trials waiting for a Tune trial of their own; the board their stops go through.
+        self.populations: dict[str, dict[int, TrialRecord]] = {}
+        self.pending: list[list[TrialRecord]] = []
+        self.board: Any = None
+        self.board_name = ""
+
+    @property
+    def exhausted(self) -> bool:
+        """Nothing more to ask: the budget is asked (and handed out), or the grid is done."""
+        return self.grid_done or (self.to_ask <= 0 and not self.pending)
+
+    def running(self) -> bool:
+        return bool(self.records or self.populations)
 
     def optuna_trial_for(self, tune_trial_id: str) -> optuna.Trial | None:
         record = self.records.get(tune_trial_id)
         return record.optuna_trial if record else None
 
     def ask(self, tune_trial_id: str) -> dict:
+        """The config of Tune trial `tune_trial_id`: one Optuna trial, or a population of them."""
+        if self.spec.resources.population > 1:
+            return self._ask_population(tune_trial_id)
+        record = self._ask_one()
+        self.records[tune_trial_id] = record
+        return self._single_config(record)
+
+    @staticmethod
+    def _single_config(record: TrialRecord) -> dict:
+        config = {"number": record.number, "params": dict(record.cfg.params)}
+        return config if record.scale == 1 else {**config, "resources_scale": record.scale}
+
+    def _ask_one(self, fixed: Mapping[str, Any] | None = None) -> TrialRecord:
+        """Ask Optuna for a trial (with `fixed` params enqueued first) and open its MLflow child run."""
+        if fixed:
+            self.study.enqueue_trial(dict(fixed), skip_if_exists=False)
         trial = self.study.ask()
         params = suggest(trial, self.spec)
         cfg = trial_config(self.spec, params, trial.number)
         run_id = self.tracker.start(cfg)
         trial.set_user_attr("mlflow_run_id", run_id)
-        self.records[tune_trial_id] = TrialRecord(trial.number, trial, cfg, run_id)
+        self.to_ask -= 1
         self.emit("trial_start", {"number": trial.number, "params": params})
-        return {"number": trial.number, "params": params}
+        return TrialRecord(trial.number, trial, cfg, run_id, scale=float(trial.user_attrs.get("resources_scale", 1)))
+
+    def _ask_population(self, tune_trial_id: str) -> dict:
+        """Up to `resources.population` trials that stack, as one Tune trial.
+
+        The first member samples every searched key; the others get its values of the keys
+        members must share (shapes, batch size, schedule, ...: all but `population.VARYING`)
+        and sample the rest, so that the population stacks. Trials a population cannot train
+        (another optimizer family, a cnn, ...) wait in `pending` for Tune trials of their own.
+        Trials queued to run again (interrupted) are asked as they are.
+        """
+        from dlsearch.population import VARYING, group_stackable
+
+        if not self.pending:
+            first = self._ask_one()
+            reruns = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            fixed = {} if reruns else {k: v for k, v in first.cfg.params.items() if k not in VARYING}
+            asked = [first] + [self._ask_one(fixed) for _ in range(min(self.spec.resources.population, self.to_ask + 1) - 1)]
+            self.pending = [[asked[i] for i in group] for group in group_stackable([r.cfg for r in asked])]
+        group = self.pending.pop(0)
+        if len(group) == 1:
+            self.records[tune_trial_id] = group[0]
+            return self._single_config(group[0])
+        self.populations[tune_trial_id] = {r.number: r for r in group}
+        for r in group:
+            r.population = [m.number for m in group]
+            r.optuna_trial.set_user_attr("population", r.population)
+        from dlsearch.trainable import MEMBERS_KEY
+
+        return {MEMBERS_KEY: [{"number": r.number, "params": dict(r.cfg.params)} for r in group],
+                "population": tune_trial_id, "board": self.board_name,
+                "resources_scale": max(r.scale for r in group)}
 
     def on_result(self, tune_trial_id: str, result: Mapping[str, Any]) -> None:
+        if tune_trial_id in self.populations:
+            self._on_population_result(tune_trial_id, result)
+            return
         record = self.records.get(tune_trial_id)
         if record is None:
             return
@@ -435,13 +525,66 @@ class _Driver:
         self.tracker.log_epoch(record.run_id, epoch, metrics)
         self.emit("epoch", {"number": record.number, "epoch": epoch, "metrics": metrics})
 
+    def _on_population_result(self, tune_trial_id: str, result: Mapping[str, Any]) -> None:
+        """A population's epoch: each member's curve and Optuna report; the members to stop go to
+        the board (always: the population's worker waits for it)."""
+        import json
+
+        from dlsearch.trainable import FINAL, MEMBERS_KEY
+
+        members = self.populations[tune_trial_id]
+        rows = json.loads(result.get(MEMBERS_KEY) or "[]")
+        if result.get(FINAL):
+            for row in rows:
+                if int(row["number"]) in members:
+                    members[int(row["number"])].final = row
+            return
+        epoch = int(result["epoch"])
+        stop = []
+        pruning = len(self.spec.objectives) == 1
+        metric = self.spec.objectives[0].metric
+        for row in rows:
+            record = members.get(int(row.pop("number")))
+            if record is None:
+                continue
+            record.node.update({k: str(result[k]) for k in _NODE_KEYS if result.get(k)})
+            if record.pruned_at is not None:
+                stop.append(record.number)  # a restarted population repeats its epochs: still stopped
+                continue
+            if epoch <= record.n_epochs:
+                continue
+            record.n_epochs = epoch
+            self.epochs_run += 1
+            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+            self.tracker.log_epoch(record.run_id, epoch, metrics)
+            if pruning and isinstance(metrics.get(metric), (int, float)) and math.isfinite(metrics[metric]):
+                record.optuna_trial.report(float(metrics[metric]), step=epoch)
+                if record.optuna_trial.should_prune():
+                    record.pruned_at = epoch
+                    stop.append(record.number)
+            self.emit("epoch", {"number": record.number, "epoch": epoch, "metrics": metrics, "population": tune_trial_id})
+        if self.board is not None:
+            self.board.post.remote(tune_trial_id, epoch, stop)
+
     def on_complete(self, tune_trial_id: str, checkpoint_dir: str | None) -> None:
+        if tune_trial_id in self.populations:
+            from dlsearch.trainable import MEMBERS_DIR
+
+            for record in self.populations.pop(tune_trial_id).values():
+                folder = str(Path(checkpoint_dir) / MEMBERS_DIR / str(record.number)) if checkpoint_dir else None
+                self._close_ended(record, record.pruned_at is not None, folder)
+            return
         record = self.records.pop(tune_trial_id, None)
         if record is None:
             return
-        pruned_at = getattr(self.scheduler, "pruned", {}).get(tune_trial_id)
+        self._close_ended(record, tune_trial_id in getattr(self.scheduler, "pruned", {}), checkpoint_dir)
+
+    def _close_ended(self, record: TrialRecord, pruned: bool, checkpoint_dir: str | None) -> None:
+        """Close a trial that ended: pruned, else as its final report says."""
         final = record.final or {}
-        if pruned_at is not None:
+        if final.get("out_of_memory") and self._can_grow(record.scale):
+            self._requeue_larger(record, final)
+        elif pruned:
             self._close(record, TrialState.PRUNED, "", final, checkpoint_dir=checkpoint_dir)
         elif final.get("state") == "COMPLETE":
             values = [final.get(f"best.{o.metric}") for o in self.spec.objectives]
@@ -454,19 +597,47 @@ class _Driver:
             reason = final.get("fail_reason") or "the trial ended without a final report"
             self._close(record, TrialState.FAIL, reason, final, checkpoint_dir=checkpoint_dir)
 
+    def _can_grow(self, scale: float) -> bool:
+        """Whether a trial given twice `scale` times the per-trial resources still fits a node's share
+        (its CPUs at most the cluster's; a GPU share below one whole GPU)."""
+        cpus, gpus, n_cpus = self.resources
+        return (gpus > 0 and gpus * scale < 1) or (gpus == 0 and cpus * scale * 2 <= n_cpus)
+
+    def _requeue_larger(self, record: TrialRecord, final: Mapping[str, Any]) -> None:
+        """A trial that ran out of memory: FAIL (not counted in the budget) and queued again with
+        twice the resources, so that fewer trials share its node or GPU."""
+        scale = record.scale * 2
+        reason = (f"out of memory with {record.scale:g}x the per-trial resources; runs again with {scale:g}x "
+                  f"(fewer neighbours): {str(final.get('fail_reason') or '')[:300]}")
+        trial = record.optuna_trial
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("requeued", True)
+        self.tracker.end(record.run_id, "FAIL", fail_reason=reason, final=final, node=record.node, terminate=False)
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.tracker.terminate(record.run_id, "FAIL")
+        self.study.enqueue_trial(dict(trial.params), user_attrs={"rerun_of": record.number, "resources_scale": scale},
+                                 skip_if_exists=False)
+        self.to_ask += 1
+        self.emit("trial_requeued", {"number": record.number, "reason": reason, "scale": scale})
+
     def on_error(self, tune_trial_id: str, reason: str, checkpoint_dir: str | None = None) -> None:
+        records = list(self.populations.pop(tune_trial_id, {}).values())
         record = self.records.pop(tune_trial_id, None)
-        if record is not None:
-            self._close(record, TrialState.FAIL, reason, record.final or {}, checkpoint_dir=checkpoint_dir)
+        for r in records + ([record] if record is not None else []):
+            self._close(r, TrialState.FAIL, reason, r.final or {}, checkpoint_dir=checkpoint_dir)
 
     def interrupt_running(self) -> None:
-        """Close trials still running (stopped driver): FAIL `interrupted`, rerun on resume."""
-        for record in list(self.records.values()):
+        """Close trials still running (stopped driver): FAIL `interrupted`, rerun on resume.
+        So are trials asked for a population that had not started."""
+        running = [*self.records.values(), *(r for p in self.populations.values() for r in p.values()),
+                   *(r for group in self.pending for r in group)]
+        for record in running:
             self.n_interrupted += 1
-            _mark_interrupted(self.study, record.optuna_trial.number, record.optuna_trial.params)
-            self.tracker.flush(record.run_id)
+            _mark_interrupted(self.study, record.optuna_trial.number, record.optuna_trial.params, record.scale)
             self.tracker.end(record.run_id, "INTERRUPTED", fail_reason=INTERRUPTED)
         self.records.clear()
+        self.populations.clear()
+        self.pending.clear()
 
     def register_best(self) -> None:
         best = _best_trial(self.study)
@@ -505,24 +676,26 @@ class _Driver:
         else:
             best_file = model_dir / BEST_FILE
             trial.set_user_attr("checkpoint", str(best_file if best_file.exists() else model_dir / LAST_FILE))
-        # Order matters for a driver killed at any moment: the curve and the files are in MLflow
-        # before Optuna records the end, and a resume closes a child whose Optuna trial already ended.
+        # Order matters for a driver killed at any moment: the curve, test metrics, tags and files
+        # are in MLflow (one log_batch) before Optuna records the end, and the run's status after
+        # it; a resume closes a child still RUNNING in MLflow as its Optuna trial says.
         finals = {k.removeprefix("final."): v for k, v in final.items() if k.startswith("final.") and v is not None}
         if finals:
             self.tracker.log_epoch(record.run_id, record.n_epochs, finals)
-        self.tracker.flush(record.run_id)
         if checkpoint_dir and (Path(checkpoint_dir) / ARTIFACTS_DIR).is_dir():
             self.tracker.log_artifacts(record.run_id, Path(checkpoint_dir) / ARTIFACTS_DIR)
+        name = state.name
+        self.tracker.end(record.run_id, name, fail_reason=reason, final=final,
+                         checkpoint_dir=str(model_dir) if model_dir else None, node=record.node,
+                         population=record.population, terminate=False)
         try:
             self.study.tell(trial, values=values if state == TrialState.COMPLETE else None, state=state)
         except RuntimeError as err:
             # The grid sampler calls `study.stop()` once every grid point ran; the state is stored.
             if "Study.stop" not in str(err):
                 raise
-            self.exhausted = True
-        name = state.name
-        self.tracker.end(record.run_id, name, fail_reason=reason, final=final,
-                         checkpoint_dir=str(model_dir) if model_dir else None, node=record.node)
+            self.grid_done = True
+        self.tracker.terminate(record.run_id, name)
         best = _best_trial(self.study)
         if best is not None and len(self.spec.objectives) == 1:
             self.tracker.log_best(best.value, len(_finished(self.study)))
@@ -538,7 +711,7 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that count toward the budget: every finished one but those a stopped driver interrupted."""
     return [
         t for t in study.get_trials(deepcopy=False)
-        if t.state.is_finished() and t.user_attrs.get("fail_reason") != INTERRUPTED
+        if t.state.is_finished() and t.user_attrs.get("fail_reason") != INTERRUPTED and not t.user_attrs.get("requeued")
     ]
 
 
@@ -566,15 +739,16 @@ def _close_interrupted(study: optuna.Study) -> int:
     """Trials a killed driver left RUNNING: FAIL (`interrupted`) and queued to run again."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in stale:
-        _mark_interrupted(study, t.number, t.params)
+        _mark_interrupted(study, t.number, t.params, float(t.user_attrs.get("resources_scale", 1)))
     return len(stale)
 
 
-def _mark_interrupted(study: optuna.Study, number: int, params: Mapping[str, Any]) -> None:
+def _mark_interrupted(study: optuna.Study, number: int, params: Mapping[str, Any], scale: float = 1) -> None:
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
     study._storage.set_trial_user_attr(trial_id, "fail_reason", INTERRUPTED)
     study.tell(number, state=TrialState.FAIL)
-    study.enqueue_trial(dict(params), user_attrs={"rerun_of": number}, skip_if_exists=False)
+    attrs = {"rerun_of": number} if scale == 1 else {"rerun_of": number, "resources_scale": scale}
+    study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=False)
 
 
 def _summarize(spec: StudySpec, study: optuna.Study, tracker: MlflowTracker, started: float,

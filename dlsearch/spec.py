@@ -140,6 +140,12 @@ class TrainSpec(_Section):
     # Mixed precision on CUDA (CPU stays fp32): bf16 autocast, or fp16 autocast with loss scaling.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     checkpoint_every: int = Field(1, gt=0)  # epochs between checkpoints a crashed trial resumes from
+    # auto: channels_last (NHWC) for CNNs on CUDA, where cuDNN's convolutions run fastest in it.
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    # torch.compile the model (forward and backward); compiled code is cached per worker process,
+    # so only the first trial of each shape on a worker pays for compiling.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
 
 
 class _Dim(_Section):
@@ -199,6 +205,10 @@ class ResourcesSpec(_Section):
     # Tune's checkpoints: on a cluster, a folder every node mounts or object storage (s3://...);
     # null keeps them beside the artifacts (mlruns/ray), which is enough on one machine.
     storage_path: str | None = None
+    # K > 1: pending trials that share the model's shapes train together in one process as one
+    # stacked model (dlsearch.population), up to K per Tune trial; each stays its own Optuna trial
+    # and MLflow child run, pruned on its own. 1: one trial per Tune trial.
+    population: int = Field(1, ge=1)
 
 
 class TrackingSpec(_Section):
@@ -757,6 +767,7 @@ def _check_rest(spec: StudySpec) -> list[str]:
     if spec.model.kind != "custom" and spec.model.factory:
         out.append(f"model.factory: is used only with kind custom (got kind {spec.model.kind})")
     out += _check_practice(spec)
+    out += _check_population(spec)
     if spec.model.kind == "cnn" and spec.model.kernel_size % 2 == 0:
         out.append(f"model.kernel_size: must be odd so that convolutions keep the image size (got {spec.model.kernel_size})")
     gpus = spec.resources.gpus_per_trial
@@ -809,6 +820,26 @@ def _check_practice(spec: StudySpec) -> list[str]:
     if isinstance(m.freeze, list) and not all(isinstance(x, str) and x for x in m.freeze):
         out.append(f"model.freeze: must be none, backbone or a list of layer names (got {m.freeze})")
     return out
+
+
+def _check_population(spec: StudySpec) -> list[str]:
+    """`resources.population` > 1 needs trials a population can stack (`population.stack_problems`,
+    read torch-free from the fixed values; a searched key may still give stackable trials)."""
+    k = spec.resources.population
+    if k == 1:
+        return []
+    m, t = spec.model, spec.train
+    fixed = [
+        (spec.trainable is not None, f"a custom trainable runs its own loop (trainable is {spec.trainable})"),
+        (m.kind != "mlp" and "model.kind" not in spec.search, f"populations stack mlp models (model.kind is {m.kind})"),
+        (t.optimizer not in ("adam", "adamw", "sgd") and "train.optimizer" not in spec.search,
+         f"populations train with adam, adamw or sgd (train.optimizer is {t.optimizer})"),
+        (t.precision == "fp16" and "train.precision" not in spec.search,
+         "populations do no fp16 loss scaling (train.precision is fp16; use bf16 or fp32)"),
+        (m.init_from is not None, f"populations start from their own init (model.init_from is {m.init_from})"),
+        (m.freeze != "none", f"populations train every layer (model.freeze is {m.freeze})"),
+    ]
+    return [f"resources.population: {why}; use 1 (got {k})" for bad, why in fixed if bad]
 
 
 def _check_entry_points(raw: dict, base_dir: str | Path | None) -> list[str]:

@@ -16,7 +16,7 @@ import functools
 import io
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 from mlflow import MlflowClient
@@ -106,8 +106,8 @@ class MlflowTracker:
         return len(stale)
 
     def log_best(self, value: float, n_finished: int) -> None:
-        """The study's best value so far, one point per finished trial."""
-        self.client.log_batch(self.parent_run_id, metrics=[Metric("best_value", value, _now_ms(), n_finished)])
+        """The study's best value so far, one point per finished trial (buffered on the parent run)."""
+        self._buffer.setdefault(self.parent_run_id, []).append(Metric("best_value", value, _now_ms(), n_finished))
 
     def finish_study(self, artifacts_dir: Path | None, status: str = "FINISHED") -> None:
         self.flush()
@@ -156,29 +156,43 @@ class MlflowTracker:
 
     def end(
         self, run_id: str, state: str, *, fail_reason: str = "", final: Mapping[str, Any] | None = None,
-        checkpoint_dir: str | None = None, node: Mapping[str, str] | None = None,
+        checkpoint_dir: str | None = None, node: Mapping[str, str] | None = None, population: Sequence[int] = (),
+        terminate: bool = True,
     ) -> None:
-        """Close a child run: curves flushed, test metrics, state tag, best checkpoint, status.
+        """Close a child run: its buffered curve, test metrics and tags in one `log_batch`, the best
+        checkpoint, then (unless `terminate` is False: call `terminate` later) its status.
 
-        `node` is where the trial ran, as its reports said: `node_id` (the Ray node), `node_ip`, `hostname`.
+        `node` is where the trial ran, as its reports said: `node_id` (the Ray node), `node_ip`, `hostname`;
+        `population` the trial numbers it trained with as one stacked model (tag `dlsearch.population`).
         """
-        self.flush(run_id)
         final = final or {}
         epochs_run = int(final.get("epochs_run") or 0)
-        metrics = [Metric(k, float(final[k]), _now_ms(), epochs_run)
-                   for k in ("test_loss", "test_accuracy") if final.get(k) is not None]
+        metrics = self._buffer.pop(run_id, []) + [
+            Metric(k, float(final[k]), _now_ms(), epochs_run) for k in ("test_loss", "test_accuracy")
+            if final.get(k) is not None]
         tags = [RunTag("dlsearch.state", state)]
         if fail_reason:
             tags.append(RunTag("dlsearch.fail_reason", fail_reason[:5000]))
         if final.get("overfit_epoch"):  # the epoch validation loss turned up while training loss still fell
             tags.append(RunTag("dlsearch.overfit_epoch", str(int(final["overfit_epoch"]))))
+        if population:
+            tags.append(RunTag("dlsearch.population", ",".join(map(str, population))))
         for key, tag in (("node_id", "dlsearch.node"), ("node_ip", "dlsearch.node_ip"),
                          ("hostname", "dlsearch.hostname")):
             if node and node.get(key):
                 tags.append(RunTag(tag, node[key]))
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        # One write for a curve of up to ~1,000 values (MLflow's limit per batch, tags included).
+        last = max(0, len(metrics) - (_BATCH - len(tags)))
+        for i in range(0, last, _BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i : min(i + _BATCH, last)])
+        self.client.log_batch(run_id, metrics=metrics[last:], tags=tags)
         if checkpoint_dir and Path(checkpoint_dir).is_dir():
             self.client.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
+        if terminate:
+            self.terminate(run_id, state)
+
+    def terminate(self, run_id: str, state: str) -> None:
+        """Set a child run's status from its dlsearch state (after `end(..., terminate=False)`)."""
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
     def log_artifacts(self, run_id: str, folder: str | Path) -> None:

@@ -97,6 +97,12 @@ def train_trial(
     shuffle = loaders.generator if loaders else torch.Generator(device=device).manual_seed(cfg.seed)
 
     model = prepare_model(cfg, data.input_shape, data.n_classes, device)
+    channels_last = use_channels_last(cfg, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # What runs the batches: the model, or its compiled form (same parameters; state dicts come
+    # from `model`, whose keys have no `_orig_mod.` prefix).
+    net = torch.compile(model, mode=t.compile_mode) if t.compile else model
     binary = is_binary(cfg, data.n_classes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(t.optimizer, params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -111,13 +117,13 @@ def train_trial(
     step = _Step(
         binary=binary, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip, clip_mode=t.grad_clip_mode,
         scaler=torch.amp.GradScaler(device.type, enabled=half is torch.float16),
-        augment=make_augment(t.augment, augment_rng), autocast=autocast,
+        augment=make_augment(t.augment, augment_rng), autocast=autocast, channels_last=channels_last,
     )
 
     metric, maximize = cfg.objective.metric, cfg.objective.direction == "maximize"
-    evaluate_test = (functools.partial(evaluate, model, data.x_test, data.y_test, autocast, binary=binary)
+    evaluate_test = (functools.partial(evaluate, net, data.x_test, data.y_test, autocast, binary=binary)
                      if loaders is None
-                     else functools.partial(evaluate_loader, model, loaders.test, device, autocast, binary=binary))
+                     else functools.partial(evaluate_loader, net, loaders.test, device, autocast, binary=binary))
     state = _LoopState()
     if resume is not None:
         state = _restore(resume, model, optimizer, scheduler, shuffle, step.scaler, augment_rng)
@@ -132,12 +138,12 @@ def train_trial(
         if loaders is None:
             perm = torch.randperm(len(data.y_train), device=device, generator=shuffle)
             batches = ((data.x_train[idx], data.y_train[idx]) for idx in perm.split(t.batch_size))
-            train_loss, train_acc = _train_batches(model, optimizer, scheduler, batches, step, device)
-            val_loss, val_acc = evaluate(model, data.x_val, data.y_val, autocast, binary=binary)
+            train_loss, train_acc = _train_batches(net, optimizer, scheduler, batches, step, device)
+            val_loss, val_acc = evaluate(net, data.x_val, data.y_val, autocast, binary=binary)
         else:
             batches = (_to_device(xb, yb, device) for xb, yb in loaders.train)
-            train_loss, train_acc = _train_batches(model, optimizer, scheduler, batches, step, device)
-            val_loss, val_acc = evaluate_loader(model, loaders.val, device, autocast, binary=binary)
+            train_loss, train_acc = _train_batches(net, optimizer, scheduler, batches, step, device)
+            val_loss, val_acc = evaluate_loader(net, loaders.val, device, autocast, binary=binary)
         metrics = {
             "train_loss": train_loss,
             "train_accuracy": train_acc,
@@ -257,6 +263,13 @@ def prepare_model(cfg: TrialConfig, input_shape: tuple[int, ...], n_classes: int
     return model.to(device)
 
 
+def use_channels_last(cfg: TrialConfig, device: torch.device) -> bool:
+    """`train.memory_format`: channels_last as asked; auto picks it for CNNs on CUDA."""
+    if cfg.train.memory_format == "auto":
+        return cfg.model.kind == "cnn" and device.type == "cuda"
+    return cfg.train.memory_format == "channels_last"
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -316,6 +329,7 @@ class _Step:
     scaler: torch.amp.GradScaler  # a pass-through unless fp16 on CUDA
     augment: Callable[[torch.Tensor], torch.Tensor] | None
     autocast: Callable
+    channels_last: bool = False  # image batches go in as NHWC, as the model's weights are
 
 
 @dataclass
@@ -348,6 +362,8 @@ def _train_batches(
             continue  # a batch of one breaks batch norm and teaches nothing
         if step.augment is not None:
             xb = step.augment(xb)
+        if step.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         with step.autocast():
             logits = model(xb)
             loss = loss_fn(logits, yb, step.binary, step.label_smoothing)

@@ -17,6 +17,7 @@ them: SQLite and MLflow keep a single writer.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -41,6 +42,8 @@ STATE_FILE = "state.pt"  # resume state inside a Tune checkpoint
 MODEL_DIR = "model"  # inside the final checkpoint: what MLflow gets as the trial's checkpoint
 BEST_FILE = "best.pt"  # the best epoch's weights (built-in loop)
 LAST_FILE = "last.pt"  # a custom trainable's last checkpoint
+MEMBERS_KEY = "dlsearch_members"  # a population's members: in its config, and (JSON) in its reports
+MEMBERS_DIR = "members"  # inside a population's final checkpoint: members/<number>/model/best.pt
 ARTIFACTS_DIR = "artifacts"  # files a custom trainable logged
 
 
@@ -53,7 +56,11 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
     add_search_paths(code_paths)
     # As many torch threads as CPUs the trial reserved: concurrent trials whose threads outnumber
     # the cores spend their time waiting for each other (worst for small sequence-model ops).
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial * float(config.get("resources_scale", 1)))))
+    _cap_gpu_memory()
+    if MEMBERS_KEY in config:
+        _run_population(config, spec)
+        return
     number = int(config["number"])
     cfg = trial_config(spec, config["params"], number)
     reporter = _TuneReporter()
@@ -71,27 +78,117 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
                 result = train_trial(cfg, data, reporter, resume=resume)
         except Exception as err:  # noqa: BLE001 - any error ends this trial as FAIL; the study goes on
             detail = traceback.format_exception_only(type(err), err)[-1].strip()
-            reporter.final({FINAL: 1, "state": "FAIL", "fail_reason": detail[:500]})
+            reporter.final({FINAL: 1, "state": "FAIL", "fail_reason": detail[:500], **_memory_flag(err)})
             return
         complete = result.state == "COMPLETE"
         reporter.final(
-            {
-                FINAL: 1,
-                "state": result.state,
-                "fail_reason": result.fail_reason or "",
-                "epochs_run": result.epochs_run,
-                "best_epoch": result.best_epoch or 0,
-                "test_loss": result.test_loss,
-                "test_accuracy": result.test_accuracy,
-                "epoch_time_s": result.epoch_time_s,
-                "overfit_epoch": result.overfit_epoch or 0,
-                **{f"best.{k}": v for k, v in result.best_metrics.items()},
-                **{f"final.{k}": v for k, v in result.final_metrics.items()},
-            },
+            {FINAL: 1, **_final_metrics(result)},
             model={BEST_FILE: result.best_state, LAST_FILE: result.final_checkpoint} if complete else {},
         )
     finally:
         reporter.close()  # also when Tune stops a pruned trial (a SystemExit out of tune.report)
+
+
+def _run_population(config: Mapping[str, Any], spec: StudySpec) -> None:
+    """A Tune trial carrying several Optuna trials: trained as one stacked model (`train_population`).
+
+    Each epoch goes out as ONE report whose `dlsearch_members` (JSON) holds every member's
+    metrics; the driver tells the members to stop through the study's `PruneBoard`, keyed by
+    this population's id. The final report lists each member's end, and its checkpoint holds
+    `members/<number>/model/best.pt` of each completed member. A population does not checkpoint
+    between epochs: a restarted worker trains it from the start (the driver skips epochs it has).
+    """
+    from dlsearch.population import train_population
+
+    cfgs = [trial_config(spec, m["params"], int(m["number"])) for m in config[MEMBERS_KEY]]
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
+    board = ray.get_actor(config["board"])
+    key = config["population"]
+
+    def report_epoch(epoch: int, metrics: Mapping[int, Mapping[str, float]]) -> list[int]:
+        rows = [{"number": cfgs[i].number, **m} for i, m in metrics.items()]
+        tune.report({"epoch": epoch, MEMBERS_KEY: json.dumps(rows), **node})
+        stop = set(ray.get(board.wait.remote(key, epoch)))
+        return [i for i in metrics if cfgs[i].number in stop]
+
+    try:
+        data = load_data(cfgs[0].data, cfgs[0].data_seed, base_dir=cfgs[0].base_dir)  # cached per worker
+        results = train_population(cfgs, data, report_epoch=report_epoch)
+    except Exception as err:  # noqa: BLE001 - the population's members end as FAIL; the study goes on
+        detail = traceback.format_exception_only(type(err), err)[-1].strip()[:500]
+        ends = [{"number": c.number, "state": "FAIL", "fail_reason": detail, **_memory_flag(err)} for c in cfgs]
+        tune.report({FINAL: 1, "state": "FAIL", MEMBERS_KEY: json.dumps(ends), **node})
+        return
+    ends = [{"number": cfg.number, **_final_metrics(result)} for cfg, result in zip(cfgs, results)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg, result in zip(cfgs, results):
+            if result.state == "COMPLETE" and result.best_state is not None:
+                folder = Path(tmp) / MEMBERS_DIR / str(cfg.number) / MODEL_DIR
+                folder.mkdir(parents=True)
+                torch.save(result.best_state, folder / BEST_FILE)
+        result_row = {FINAL: 1, "state": "COMPLETE", MEMBERS_KEY: json.dumps(ends), **node}
+        if any(Path(tmp).iterdir()):
+            tune.report(result_row, checkpoint=tune.Checkpoint.from_directory(tmp))
+        else:
+            tune.report(result_row)
+
+
+def _cap_gpu_memory() -> None:
+    """A trial on a fraction of a GPU may allocate at most that fraction of its memory: one trial
+    that grows cannot take the memory of the others sharing the GPU (it runs out of memory itself,
+    and the driver runs it again with a larger share)."""
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    if 0 < share < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(share)
+
+
+def _memory_flag(err: BaseException) -> dict[str, int]:
+    """`{"out_of_memory": 1}` for an error that says the trial ran out of (GPU or host) memory."""
+    text = str(err).lower()
+    oom = (isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError))
+           or any(s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory")))
+    if oom and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the worker is reused: give the cache back to the GPU's other trials
+    return {"out_of_memory": 1} if oom else {}
+
+
+def _final_metrics(result: Any) -> dict[str, Any]:
+    """What a trial's last report says of how it ended (`TrialResult`)."""
+    return {
+        "state": result.state,
+        "fail_reason": result.fail_reason or "",
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch or 0,
+        "test_loss": result.test_loss,
+        "test_accuracy": result.test_accuracy,
+        "epoch_time_s": result.epoch_time_s,
+        "overfit_epoch": result.overfit_epoch or 0,
+        **{f"best.{k}": v for k, v in result.best_metrics.items()},
+        **{f"final.{k}": v for k, v in result.final_metrics.items()},
+    }
+
+
+class PruneBoard:
+    """Where the driver posts, per population and epoch, which members to stop; a population's
+    worker waits for that post before its next epoch. One per study run, a named Ray actor."""
+
+    def __init__(self) -> None:
+        self._posts: dict[tuple[str, int], list[int]] = {}
+        self._events: dict[tuple[str, int], Any] = {}
+
+    async def post(self, key: str, epoch: int, stop: list[int]) -> None:
+        self._posts[(key, epoch)] = stop
+        self._event(key, epoch).set()
+
+    async def wait(self, key: str, epoch: int) -> list[int]:
+        await self._event(key, epoch).wait()
+        self._events.pop((key, epoch), None)
+        return self._posts.pop((key, epoch))
+
+    def _event(self, key: str, epoch: int) -> Any:
+        import asyncio
+
+        return self._events.setdefault((key, epoch), asyncio.Event())
 
 
 class _TuneReporter:

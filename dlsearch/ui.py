@@ -127,6 +127,9 @@ class StudyProgress:
             self.best = info["best"] if info["best"] is not None else self.best
             if self._live is None:
                 self.console.print(self._trial_line(info), markup=False)
+        elif kind == "trial_requeued":  # ran out of memory: runs again with more resources, not counted
+            self.running.pop(info["number"], None)
+            self.console.print(f"trial {info['number']}: {info['reason']}", markup=False)
         elif kind == "end":
             if self._live is not None:
                 self._live.__exit__(None, None, None)

@@ -103,6 +103,10 @@ CASES = {
         [], "data.path:", "no such file",
     ),
     "mnist not found, no download": _mnist_not_found,
+    "population of cnns": lambda f: (
+        write_study(f, model={"kind": "cnn"}, resources={"population": 4}),
+        [], "resources.population:", "populations stack mlp models (model.kind is cnn)",
+    ),
     "--set without =": lambda f: (write_study(f), ["--set", "train.epochs"], "--set train.epochs:", "PATH=VALUE"),
     "--set of an unknown key": lambda f: (write_study(f), ["--set", "train.epoch=3"], "train.epoch:", "unknown key"),
 }

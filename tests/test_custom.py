@@ -640,3 +640,45 @@ def test_custom_csv_study_reads_its_dataset_in_loader_workers(
         assert len(client.get_metric_history(run.info.run_id, "val_loss")) == len(t.intermediate_values)
         assert 0.0 <= run.data.metrics["test_accuracy"] == t.user_attrs["test_accuracy"] <= 1.0
     assert max(t.user_attrs["test_accuracy"] for t in trials) > 0.6  # 3 cultivars: chance is a third
+
+
+GREEDY = """
+import ray
+import torch
+
+def fit(config, report):
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    if cpus < 2:  # a real allocation that fails: 256 TiB, more than any host here
+        torch.empty(2**48, dtype=torch.uint8)
+    for epoch in (1, 2):
+        report(epoch, {"loss": config["train"]["lr"] / epoch, "cpus": cpus})
+"""
+
+
+@pytest.mark.slow
+def test_a_trial_out_of_memory_runs_again_with_twice_the_resources(local_ray: None, tmp_path: Path) -> None:
+    """The allocation fails for real (host memory: this machine has no GPU to run out of); the trial
+    ends FAIL, is not counted in the budget, and runs again with 2 CPUs, so 1 neighbour fewer."""
+    module = write_module(tmp_path, unique("greedy"), GREEDY)
+    study = write_study(
+        tmp_path, trainable=f"{module}:fit", data={"dataset": "custom"}, model={"kind": "custom"},
+        objective={"metric": "loss", "direction": "minimize"}, budget={"trials": 2},
+        resources={"cpus_per_trial": 1, "max_concurrent": 2},
+        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifacts": str(tmp_path / "artifacts"),
+                  "optuna_storage": f"sqlite:///{tmp_path}/optuna.db", "register_best": False},
+    )
+    result = run_cli(study)
+    assert "runs again with 2x" in result.output
+    _, trials, children, client = stored(study)
+    requeued = [t for t in trials if t.user_attrs.get("requeued")]
+    reruns = [t for t in trials if t.user_attrs.get("resources_scale") == 2]
+    assert len(trials) == 4 and len(requeued) == 2 and len(reruns) == 2
+    for t in requeued:
+        assert t.state == TrialState.FAIL and "can't allocate memory" in t.user_attrs["fail_reason"]
+        assert children[t.number].data.tags["dlsearch.fail_reason"].startswith("out of memory with 1x")
+    assert sorted(t.user_attrs["rerun_of"] for t in reruns) == sorted(t.number for t in requeued)
+    for t in reruns:
+        assert t.state == TrialState.COMPLETE
+        assert children[t.number].data.metrics["cpus"] == 2.0  # Ray gave the rerun both CPUs
+        assert t.params == next(r for r in requeued if r.number == t.user_attrs["rerun_of"]).params
+    assert "2 trials finished (2 complete, 0 pruned, 0 failed)" in result.output

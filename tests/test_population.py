@@ -186,6 +186,20 @@ def test_a_report_that_raises_trial_pruned_prunes_that_member() -> None:
     assert [(r.state, r.epochs_run) for r in results] == [("PRUNED", 1), ("COMPLETE", 3)]
 
 
+def test_an_epoch_report_sees_every_training_member_and_stops_those_it_returns() -> None:
+    cfgs = [make_cfg("train.epochs=3", f"train.lr={lr}") for lr in (0.01, 0.02, 0.005)]
+    seen: list[tuple[int, list[int]]] = []
+
+    def report_epoch(epoch: int, metrics: Mapping[int, Mapping[str, float]]) -> list[int]:
+        seen.append((epoch, sorted(metrics)))
+        assert all(set(m) >= set(METRICS) for m in metrics.values())
+        return [2] if epoch == 1 else []
+
+    results = train_population(cfgs, data_for(cfgs[0]), report_epoch=report_epoch)
+    assert seen == [(1, [0, 1, 2]), (2, [0, 1]), (3, [0, 1])]
+    assert [(r.state, r.epochs_run) for r in results] == [("COMPLETE", 3), ("COMPLETE", 3), ("PRUNED", 1)]
+
+
 def test_a_members_best_weights_load_into_its_own_model() -> None:
     cfgs = [make_cfg("train.epochs=2", f"train.lr={lr}") for lr in (0.01, 0.003)]
     data = data_for(cfgs[0])

@@ -321,3 +321,28 @@ def test_python_m_dlsearch_train_in_a_subprocess() -> None:
     summary = json.loads(proc.stdout)
     assert summary["state"] == "COMPLETE" and summary["epochs_run"] == 1
     assert {"best_metrics", "test_accuracy", "test_loss", "epoch_time_s"} <= set(summary)
+
+
+# ---------------------------------------------------------------- the GPU path's options, on the CPU
+
+
+def test_channels_last_trains_a_cnn_as_the_default_layout_does() -> None:
+    """NHWC is a layout, not a different model: the curve matches NCHW's to float rounding."""
+    base = ("model.kind=cnn", "model.depth=1", "model.width=8", "train.epochs=2", "data.subset=400")
+    nchw = train_trial(make_cfg(*base, "train.memory_format=contiguous"), data_for(make_cfg(*base)))
+    nhwc = train_trial(make_cfg(*base, "train.memory_format=channels_last"), data_for(make_cfg(*base)))
+    for a, b in zip(curves(nchw.history), curves(nhwc.history), strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+    model = build_model(make_cfg(*base).model, (1, 8, 8), 10)
+    model.load_state_dict(nhwc.best_state)  # an NHWC checkpoint loads into a plain model
+
+
+def test_a_compiled_model_trains_as_the_eager_one_and_checkpoints_plain_keys() -> None:
+    """torch.compile (inductor, on the CPU here) changes how the model runs, not what it learns."""
+    base = ("model.depth=1", "model.width=16", "train.epochs=1", "data.subset=300", "model.dropout=0")
+    eager = train_trial(make_cfg(*base), data_for(make_cfg(*base)))
+    compiled = train_trial(make_cfg(*base, "train.compile=true"), data_for(make_cfg(*base)))
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], abs=1e-3)
+    assert compiled.history[0]["val_loss"] == pytest.approx(eager.history[0]["val_loss"], abs=1e-3)
+    assert compiled.best_state.keys() == eager.best_state.keys()  # no `_orig_mod.` prefix
