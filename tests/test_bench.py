@@ -24,6 +24,7 @@ def test_quick_overhead_and_tracking_benchmarks_run_and_print_their_figures() ->
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out = proc.stdout
     assert "overhead:" in out and "s/trial" in out and "dlsearch/peer" in out, out
+    assert "dlsearch_population: wall" in out and "dlsearch with populations/peer" in out, out
     assert "tracking:" in out and "of in-trial time" in out and "log_batch" in out, out
     assert "wrote " not in out, "--no-write must leave BENCHMARKS.md and bench/out/ alone"
 
