@@ -250,11 +250,12 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
     If the study's Optuna storage already holds it, the run continues it to its
     budget: finished trials are kept, interrupted ones run again. Shows live
     progress and ends with the best trial and the command that opens the UI.
-    Exit 0 when done (some failed trials included), 1 if every trial failed,
-    2 for bad input, 130 when stopped by Ctrl-C or SIGTERM after saving state.
+    Exit 0 when done (some failed trials included), 1 if every trial failed or
+    resources.stop_after_identical_failures trials in a row failed with the same
+    reason, 2 for bad input, 130 when stopped by Ctrl-C or SIGTERM after saving state.
     """
     from dlsearch.data import check_data_available
-    from dlsearch.runner import Interrupted, run_study
+    from dlsearch.runner import Interrupted, StudyStopped, run_study
     from dlsearch.spec import SpecError, load_spec
     from dlsearch.ui import StudyProgress
 
@@ -270,6 +271,8 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
     except Interrupted as err:
         err_console.print(f"{err}; rerun the same command to continue", markup=False)
         sys.exit(EXIT_INTERRUPTED)
+    except StudyStopped as err:
+        raise RunFailed(str(err)) from None
     n = summary.n_complete + summary.n_pruned + summary.n_failed
     console.print(
         f"\n{summary.name}: {n} trials finished ({summary.n_complete} complete, {summary.n_pruned} pruned, "

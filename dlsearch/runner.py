@@ -14,15 +14,17 @@ import os
 import signal
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import optuna
 from optuna.trial import TrialState
 
+from dlsearch.cluster import check_nodes, excluding, for_workers, runtime_env, usable_resources, worker_env
 from dlsearch.config import TrialConfig, trial_config
-from dlsearch.entrypoints import local_code, search_paths
+from dlsearch.entrypoints import search_paths
 from dlsearch.preflight import ServiceUnreachable, check_ray_address, check_stores, study_lock
 from dlsearch.search import directions, make_pruner, make_sampler, suggest
 from dlsearch.spec import StudySpec
@@ -33,6 +35,11 @@ INTERRUPTED = "interrupted"  # fail_reason of trials a killed or stopped driver 
 
 class Interrupted(Exception):
     """The run was stopped by SIGINT/SIGTERM after its state was saved (exit 130)."""
+
+
+class StudyStopped(Exception):
+    """The study stopped on a failure that repeats (`resources.stop_after_identical_failures`):
+    a configuration error, not a bad trial (exit 1). Its finished trials are saved."""
 
 
 @dataclass
@@ -114,8 +121,9 @@ def run_study(
     for ref in _init_sources(spec):  # a missing source fails here (SourceError, exit 2), not in every trial
         fetch_checkpoint(ref, spec.tracking.uri, str(spec.path.parent) if spec.path else None)
     spec, _ = with_source_architecture(spec)  # fine-tune the source's depth and width, as logged with it
-    with study_lock(spec):
-        return _run_locked(spec, started, trials, address, fresh, on_event or (lambda kind, info: None))
+    emit = on_event or (lambda kind, info: None)
+    with _ray_for(spec, address, emit) as avoid, study_lock(spec):
+        return _run_locked(spec, started, trials, avoid, fresh, emit)
 
 
 def _init_sources(spec: StudySpec) -> list[str]:
@@ -125,7 +133,7 @@ def _init_sources(spec: StudySpec) -> list[str]:
     return [r for r in refs if isinstance(r, str)]
 
 
-def _run_locked(spec: StudySpec, started: float, trials: int | None, address: str | None, fresh: bool,
+def _run_locked(spec: StudySpec, started: float, trials: int | None, avoid: list[str], fresh: bool,
                 on_event: Callable[[str, Mapping[str, Any]], None]) -> StudySummary:
     storage = open_storage(spec)
     versions = study_versions(spec, storage)
@@ -143,14 +151,22 @@ def _run_locked(spec: StudySpec, started: float, trials: int | None, address: st
     budget = trials or spec.budget.trials
     remaining = budget - len(_finished(study))
     driver = _Driver(spec, study, tracker, on_event)
+    driver.failures = _failure_streak(study)
     driver.emit("start", {"version": version, "budget": budget, "remaining": max(0, remaining),
                           "resumed": bool(versions) and not fresh, "fresh": fresh and bool(versions),
                           "rerun": len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))),
                           "reopened": n_reopened, "finished": len(_finished(study))})
     interrupted = False
     if remaining > 0:
-        interrupted = _run_on_ray(spec, driver, remaining, address)
+        interrupted = _run_on_ray(spec, driver, remaining, avoid)
     summary = _summarize(spec, study, tracker, started, driver.epochs_run)
+    if driver.stop_reason:
+        tracker.finish_study(None, status="FAILED")  # back to RUNNING when the study resumes
+        driver.emit("end", {"summary": summary, "interrupted": False})
+        n = summary.n_complete + summary.n_pruned + summary.n_failed
+        raise StudyStopped(f"stopped: {driver.stop_reason}; {n} finished trials are saved. Fix the cause and "
+                           "rerun the same command to continue (resources.stop_after_identical_failures: 0 "
+                           "never stops)")
     if not interrupted:
         from dlsearch.leaderboard import write_study_artifacts
 
@@ -172,8 +188,16 @@ def _run_locked(spec: StudySpec, started: float, trials: int | None, address: st
 # ---------------------------------------------------------------- Ray
 
 
-def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str | None) -> bool:
-    """Dispatch `n_trials` trials on Ray Tune; returns True if interrupted by a signal."""
+@contextmanager
+def _ray_for(spec: StudySpec, address: str | None, emit: Callable[[str, Mapping[str, Any]], None]
+             ) -> Iterator[list[str]]:
+    """Ray for the run: a new local instance, the cluster at `address` (or RAY_ADDRESS), or the Ray
+    the caller started (left running). Yields the ids of the nodes trials must avoid.
+
+    On a cluster, every node that can hold a trial first runs `cluster.check_nodes`: a node where
+    the data or the entry points do not resolve is named and left out; when no node can, the run
+    stops here (SpecError, exit 2), before any store is created.
+    """
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # our handler saves state, then exits 130
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # the final report has no epoch metric
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -181,17 +205,43 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
     # relative paths and user modules resolve in a trial as they do in `dlsearch validate`.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     import ray
+
+    started = not ray.is_initialized()
+    cluster = started and address != "local" and bool(address or os.environ.get("RAY_ADDRESS"))
+    if started:
+        _init_ray(address, runtime_env(spec) if cluster else None)
+    try:
+        avoid: list[str] = []
+        if cluster:
+            cpus, gpus, _ = _resources(spec, ray.cluster_resources())
+            code_paths = [str(p) for p in search_paths(spec.path.parent if spec.path else None)]
+            checks = check_nodes(for_workers(spec), code_paths, cpus, gpus)
+            for check in checks:
+                if check.problems:
+                    emit("warning", {"line": f"{check.line()}; left out of this study"})
+                    avoid.append(check.node_id)
+            sent = ", ".join(sorted(worker_env())) or "no DLSEARCH_* variable"
+            n = len(checks) - len(avoid)
+            who = "1 node runs trials; it gets" if n == 1 else f"{n} nodes run trials; they get"
+            emit("cluster", {"line": f"cluster: {who} {sent} from this environment (credentials stay here)"})
+        yield avoid
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[str]) -> bool:
+    """Dispatch `n_trials` trials on the Ray `_ray_for` connected to, keeping them off the nodes in
+    `avoid`; returns True if interrupted by a signal."""
+    import ray
     from ray import tune
 
     from dlsearch.scheduler import OptunaPruningScheduler
     from dlsearch.trainable import FINAL, run_trial
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        _init_ray(address, cluster_runtime_env(spec))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        cpus, gpus_per_trial, concurrency = _resources(spec, ray.cluster_resources())
+        cpus, gpus_per_trial, concurrency = _resources(spec, usable_resources(avoid))
         metric = spec.objectives[0].metric
         scheduler = (
             OptunaPruningScheduler(metric, driver.optuna_trial_for, final_key=FINAL)
@@ -205,10 +255,10 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
             driver.board = ray.remote(num_cpus=0)(PruneBoard).options(name=driver.board_name).remote()
         driver.to_ask = n_trials
         code_paths = [str(p) for p in search_paths(spec.path.parent if spec.path else None)]
-        driver.resources = (cpus, gpus_per_trial, ray.cluster_resources().get("CPU", 1))
+        driver.resources = (cpus, gpus_per_trial, usable_resources(avoid).get("CPU", 1))
         trainable = tune.with_resources(  # a trial retried after running out of memory asks for more
-            tune.with_parameters(run_trial, spec=spec, code_paths=code_paths),
-            functools.partial(_trial_resources, cpus, gpus_per_trial),
+            tune.with_parameters(run_trial, spec=for_workers(spec), code_paths=code_paths),
+            functools.partial(_trial_resources, cpus, gpus_per_trial, tuple(avoid)),
         )
         tuner = tune.Tuner(
             trainable,
@@ -225,6 +275,7 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
                 storage_path=tune_storage_path(spec),
                 verbose=0,
                 callbacks=[_DriverCallback(driver)],
+                stop=_DriverStopper(driver),
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
@@ -238,14 +289,12 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, address: str 
         return False
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if started_ray:
-            ray.shutdown()
 
 
-def _init_ray(address: str | None, runtime_env: dict[str, Any] | None = None) -> None:
+def _init_ray(address: str | None, env: dict[str, Any] | None = None) -> None:
     """Connect to the cluster at `address` (or the one a Ray job runs in: RAY_ADDRESS), else start
     a local Ray on loopback. Token authentication is set up by `check_ray_address`.
-    `runtime_env` ships the study's own code to a cluster's workers (`cluster_runtime_env`)."""
+    `env` is the runtime environment of a cluster's workers (`cluster.runtime_env`)."""
     import ray
 
     quiet: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
@@ -255,7 +304,7 @@ def _init_ray(address: str | None, runtime_env: dict[str, Any] | None = None) ->
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
         return
     try:
-        ray.init(address=address or None, runtime_env=runtime_env, **quiet)
+        ray.init(address=address or None, runtime_env=env, **quiet)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
         where = address or os.environ["RAY_ADDRESS"]
         raise ServiceUnreachable(f"resources.address: cannot connect to the Ray cluster at {where} "
@@ -269,27 +318,6 @@ def tune_storage_path(spec: StudySpec) -> str:
     if path is None:
         return str(Path(spec.tracking.artifacts).resolve().parent / "ray")
     return path if "://" in path else str(Path(path).resolve())
-
-
-def cluster_runtime_env(spec: StudySpec) -> dict[str, Any] | None:
-    """What a Ray cluster's workers need of the study's own code, or None when it names none.
-
-    The study file's folder goes as `working_dir` (Ray copies it to every node and starts the
-    workers in it); a module of an entry point found elsewhere outside the installed packages
-    (e.g. a package in the working directory) goes as `py_modules`. Local runs need neither:
-    their workers see the driver's folders.
-    """
-    refs = [ref for ref, used in ((spec.data.factory, spec.data.dataset == "custom"),
-                                  (spec.model.factory, spec.model.kind == "custom"), (spec.trainable, True))
-            if ref and used]
-    if not refs or spec.path is None:
-        return None
-    study_dir = spec.path.parent
-    env: dict[str, Any] = {"working_dir": str(study_dir), "excludes": ["mlruns/", "__pycache__/", "*.db"]}
-    others = [str(p) for p in local_code(refs, study_dir) if not p.is_relative_to(study_dir)]
-    if others:
-        env["py_modules"] = others
-    return env
 
 
 def _quiet_libraries() -> None:
@@ -322,23 +350,25 @@ def _resources(spec: StudySpec, cluster: Mapping[str, float]) -> tuple[float, fl
     return r.cpus_per_trial, gpus, concurrency
 
 
-def _trial_resources(cpus: float, gpus: float, config: Mapping[str, Any]) -> Any:
+def _trial_resources(cpus: float, gpus: float, avoid: tuple[str, ...], config: Mapping[str, Any]) -> Any:
     """A Tune trial's resources: the study's per-trial share, times `resources_scale` for a trial that
-    ran out of memory with fewer (fewer neighbours on the node; a GPU share at most the whole GPU)."""
+    ran out of memory with fewer (fewer neighbours on the node; a GPU share at most the whole GPU),
+    on a node not in `avoid` (nodes the cluster preflight found unable to run trials)."""
     from ray.tune import PlacementGroupFactory
 
     scale = float(config.get("resources_scale", 1))
-    return PlacementGroupFactory([{"CPU": cpus * scale, "GPU": min(1.0, gpus * scale) if gpus else 0}])
+    return PlacementGroupFactory([{"CPU": cpus * scale, "GPU": min(1.0, gpus * scale) if gpus else 0}],
+                                 **excluding(avoid))
 
 
 def _ray_classes():
-    from ray.tune import Callback
+    from ray.tune import Callback, Stopper
     from ray.tune.search import Searcher
 
-    return Callback, Searcher
+    return Callback, Searcher, Stopper
 
 
-_Callback, _Searcher = _ray_classes()
+_Callback, _Searcher, _Stopper = _ray_classes()
 
 
 class _DriverBound:
@@ -360,6 +390,8 @@ class _OptunaSearcher(_DriverBound, _Searcher):
         return True
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        if self.driver.stop_reason:
+            return _Searcher.FINISHED
         if self.driver.exhausted:
             # Not FINISHED while trials run: one that runs out of memory is queued again.
             return None if self.driver.running() else _Searcher.FINISHED
@@ -390,6 +422,21 @@ class _DriverCallback(_DriverBound, _Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self.driver.emit("tick", {})
+
+
+class _DriverStopper(_DriverBound, _Stopper):
+    """Ends the experiment when the driver decided the study must stop (a failure that repeats);
+    the trials still running are closed as interrupted and run again on resume."""
+
+    def __init__(self, driver: "_Driver"):
+        self.driver = driver
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        driver = getattr(self, "driver", None)
+        return driver is not None and driver.stop_reason is not None
 
 
 def _local_folder(checkpoint: Any, cache: Path) -> str | None:
@@ -429,6 +476,10 @@ class _Driver:
         self.pending: list[list[TrialRecord]] = []
         self.board: Any = None
         self.board_name = ""
+        # The reason of the last trials to fail, and how many in a row failed with it; a stop
+        # decision once `resources.stop_after_identical_failures` of them did.
+        self.failures: tuple[str, int] = ("", 0)
+        self.stop_reason: str | None = None
 
     @property
     def exhausted(self) -> bool:
@@ -696,6 +747,7 @@ class _Driver:
                 raise
             self.grid_done = True
         self.tracker.terminate(record.run_id, name)
+        self._count_failure(state, reason)
         best = _best_trial(self.study)
         if best is not None and len(self.spec.objectives) == 1:
             self.tracker.log_best(best.value, len(_finished(self.study)))
@@ -704,7 +756,34 @@ class _Driver:
                                 "best": best.value if best is not None and len(self.spec.objectives) == 1 else None})
 
 
+    def _count_failure(self, state: TrialState, reason: str) -> None:
+        """A failure that repeats is a configuration error: after k trials in a row fail with the
+        same reason, the study stops (`stop_reason`) instead of failing its whole budget."""
+        if state != TrialState.FAIL:
+            self.failures = ("", 0)
+            return
+        last, n = self.failures
+        self.failures = (reason, n + 1 if reason == last else 1)
+        k = self.spec.resources.stop_after_identical_failures
+        if k and self.failures[1] >= k and self.stop_reason is None:
+            self.stop_reason = f"{self.failures[1]} trials in a row failed with the same reason: {reason}"
+
+
 _NODE_KEYS = ("node_id", "node_ip", "hostname")
+
+
+def _failure_streak(study: optuna.Study) -> tuple[str, int]:
+    """The reason the study's last finished trials failed with, and how many in a row (a resumed
+    study goes on counting: rerun unfixed, it stops at the next identical failure)."""
+    ended = sorted((t for t in _finished(study) if t.datetime_complete is not None),
+                   key=lambda t: t.datetime_complete)
+    reason, n = "", 0
+    for t in reversed(ended):
+        why = str(t.user_attrs.get("fail_reason", "")) if t.state == TrialState.FAIL else None
+        if why is None or (n and why != reason):
+            break
+        reason, n = why, n + 1
+    return reason, n
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -209,6 +209,9 @@ class ResourcesSpec(_Section):
     # stacked model (dlsearch.population), up to K per Tune trial; each stays its own Optuna trial
     # and MLflow child run, pruned on its own. 1: one trial per Tune trial.
     population: int = Field(1, ge=1)
+    # K trials in a row failing with the same reason stop the study (exit 1; rerun after the fix
+    # continues it): a repeating failure is a configuration error, not a bad trial. 0: never.
+    stop_after_identical_failures: int = Field(3, ge=0)
 
 
 class TrackingSpec(_Section):

@@ -127,6 +127,8 @@ class StudyProgress:
             self.best = info["best"] if info["best"] is not None else self.best
             if self._live is None:
                 self.console.print(self._trial_line(info), markup=False)
+        elif kind in ("warning", "cluster"):  # before the study starts: a node left out, what workers get
+            self.console.print(info["line"], markup=False)
         elif kind == "trial_requeued":  # ran out of memory: runs again with more resources, not counted
             self.running.pop(info["number"], None)
             self.console.print(f"trial {info['number']}: {info['reason']}", markup=False)

@@ -35,11 +35,13 @@ from tests.studies import write_study
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 DEPLOY = ROOT / "deploy"
 VERSION = "0.1.0"
 # Two Ray nodes on one host need two addresses: `ray start` turns 127.0.0.1 into the host's
 # outward address, but keeps the rest of the loopback range (Linux answers all of 127/8).
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+EXTRA_IP = "127.0.0.4"  # a third node, added by a test that needs one of its own (to lose it, or to set it apart)
 
 
 # ---------------------------------------------------------------- deploy/
@@ -136,6 +138,49 @@ def _ray_version() -> str:
     return text.split("ARG RAY_VERSION=", 1)[1].split()[0]
 
 
+# ---------------------------------------------------------------- what travels to the workers
+
+
+def test_workers_get_the_dlsearch_variables_absolute_and_never_a_credential(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlsearch.cluster import for_workers, runtime_env, worker_env
+    from dlsearch.spec import load_spec
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DLSEARCH_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    environ = {"DLSEARCH_DATA_DIR": "../data", "DLSEARCH_NOTE": "x", "DLSEARCH_EMPTY": "",
+               "MLFLOW_TRACKING_PASSWORD": "p", "MLFLOW_TRACKING_TOKEN": "t", "PGPASSWORD": "q",
+               "RAY_AUTH_TOKEN": "r", "HOME": "/root"}
+    assert worker_env(environ) == {"DLSEARCH_DATA_DIR": str(tmp_path.parent / "data"), "DLSEARCH_NOTE": "x"}
+    spec = load_spec(write_study(tmp_path, data={"dataset": "mnist", "root": "mnist-files"}))
+    env = runtime_env(spec, environ)
+    assert env == {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", **worker_env(environ)}}  # no user code to ship
+    sent = for_workers(spec)
+    assert sent.data.root == str(tmp_path / "mnist-files") and spec.data.root == "mnist-files"
+    assert sent.path == spec.path and sent.search == spec.search  # nothing else changes
+    if (SHARED_DATA / "mnist").is_dir():  # files the driver found where it was pointed: that folder, no download
+        monkeypatch.setenv("DLSEARCH_DATA_DIR", str(SHARED_DATA))
+        sent = for_workers(spec)
+        assert (sent.data.root, sent.data.download) == (str(SHARED_DATA / "mnist"), False)
+
+
+def test_a_resumed_study_goes_on_counting_the_failures_in_a_row() -> None:
+    import optuna
+
+    from dlsearch.runner import _failure_streak
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    assert _failure_streak(study) == ("", 0)
+    for reason in ("bad", "interrupted", "worse", "worse"):  # an interrupted trial does not count
+        trial = study.ask()
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert _failure_streak(study) == ("worse", 2)
+    study.tell(study.ask(), 1.0)
+    assert _failure_streak(study) == ("", 0)
+
+
 # ---------------------------------------------------------------- two Ray nodes
 
 
@@ -150,48 +195,39 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     # nodes: `ray start` leaves the cluster's address in <temp dir>/ray_current_cluster, and in
     # /tmp/ray every later plain ray.init() on this machine would join (or hang on) this cluster.
     temp = tempfile.mkdtemp(prefix="dlray-", dir="/tmp")
-    env = {**_without_ray_auth(os.environ), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_TMPDIR": temp}
-    common = ["--block", "--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats",
-              f"--temp-dir={temp}"]
+    # The nodes' own environment, as on machines of their own: none of the driver's DLSEARCH_* settings
+    # (what a trial needs of them must travel with the run), and a lost node noticed within seconds.
+    env = {**_without_ray_auth(os.environ), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_TMPDIR": temp,
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+    env = {k: v for k, v in env.items() if not k.startswith("DLSEARCH_") and k != "PYTHONPATH"}
     started: list[subprocess.Popen] = []
     try:
         head = _start([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--node-ip-address={HEAD_IP}",
-                       f"--port={port}", "--include-dashboard=false", *common],
-                      env, Path(temp) / "head.log")
+                       f"--port={port}", "--include-dashboard=false", *_node_options(temp)],
+                      env, Path(temp) / "head.log", cwd=temp)
         started.append(head)
         _wait_for(lambda: _connects(HEAD_IP, port), 90, "the Ray head", head)
-        worker_log = Path(temp) / "worker.log"
-        worker = _start([sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={HEAD_IP}:{port}",
-                         f"--node-ip-address={WORKER_IP}", *common], env, worker_log)
-        started.append(worker)
-        _wait_for(lambda: "Ray runtime started" in worker_log.read_text(), 90, "the Ray worker node", worker)
-        yield {"address": f"{HEAD_IP}:{port}", "token": token}
+        cluster = {"address": f"{HEAD_IP}:{port}", "token": token, "temp": temp, "env": env}
+        started.append(_add_node(cluster, WORKER_IP))
+        yield cluster
     finally:
         for proc in reversed(started):
             _stop(proc)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_a_study_on_two_ray_nodes_records_both_nodes(ray_cluster: dict[str, Any], tmp_path: Path) -> None:
-    shared = tmp_path / "shared"  # stands for a folder every node mounts
-    path = write_study(tmp_path, name="two-nodes", budget={"trials": 4}, train={"epochs": 5},
-                       pruner={"type": "none"}, resources={"max_concurrent": 2, "storage_path": str(shared)},
-                       tracking={"register_best": False})
-    # Only the token: dlsearch turns on Ray's token mode for an explicit address itself.
-    env = {**_without_ray_auth(os.environ), "RAY_AUTH_TOKEN": ray_cluster["token"]}
-    out = _dlsearch(["run", str(path), "--address", ray_cluster["address"]], env, tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert ray_cluster["token"] not in out.stdout + out.stderr
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("two-nodes")
-    children = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
-    assert len(children) == 4
-    nodes = {r.data.tags["dlsearch.node"] for r in children}
-    assert len(nodes) == 2, nodes  # Ray node ids: both nodes ran trials
-    by_node = {r.data.tags["dlsearch.node"]: r.data.tags["dlsearch.node_ip"] for r in children}
-    assert sorted(by_node.values()) == [HEAD_IP, WORKER_IP]
-    assert all(r.data.tags.get("dlsearch.hostname") for r in children)
-    assert list(shared.glob("two-nodes-*")), "Tune's experiment folder belongs under resources.storage_path"
+def _node_options(temp: str) -> list[str]:
+    return ["--block", "--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats", f"--temp-dir={temp}"]
+
+
+def _add_node(cluster: dict[str, Any], ip: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A node joining the cluster on `ip`, in a process group of its own (stop it with `_stop`)."""
+    log = Path(cluster["temp"]) / f"node-{ip}.log"
+    node = _start([sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={cluster['address']}",
+                   f"--node-ip-address={ip}", *_node_options(cluster["temp"])], {**cluster["env"], **(env or {})},
+                  log, cwd=cluster["temp"])
+    _wait_for(lambda: "Ray runtime started" in log.read_text(), 90, f"the Ray node on {ip}", node)
+    return node
 
 
 def test_a_cluster_with_token_auth_refuses_a_run_without_the_token(ray_cluster: dict[str, Any],
@@ -206,6 +242,216 @@ def test_a_cluster_with_token_auth_refuses_a_run_without_the_token(ray_cluster: 
     out = _dlsearch(["run", str(path), "--address", ray_cluster["address"]], wrong, tmp_path)
     assert out.returncode == 1 and "refused the token" in out.stderr, out.stderr
     assert wrong["RAY_AUTH_TOKEN"] not in out.stdout + out.stderr
+
+
+def _token_env(cluster: dict[str, Any], **extra: str) -> dict[str, str]:
+    """The driver's environment: the cluster's token, no DLSEARCH_* of the test run's own, and `extra`."""
+    env = {k: v for k, v in _without_ray_auth(os.environ).items() if not k.startswith("DLSEARCH_")}
+    return {**env, "RAY_AUTH_TOKEN": cluster["token"], **extra}
+
+
+def _children(folder: Path, name: str) -> list[Any]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    experiment = client.get_experiment_by_name(name)
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
+
+
+def _trials(folder: Path, name: str) -> list[Any]:
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder}/optuna.db").get_trials()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="MNIST is read from ../shared/data")
+def test_mnist_found_through_dlsearch_data_dir_trains_on_every_node(ray_cluster: dict[str, Any],
+                                                                     tmp_path: Path) -> None:
+    # No data.root: the files are where DLSEARCH_DATA_DIR points, given relative to the driver's
+    # working directory; the nodes were started without it (see `ray_cluster`).
+    path = write_study(tmp_path, name="mnist-env", data={"dataset": "mnist", "subset": 1200, "val_fraction": 0.2},
+                       budget={"trials": 4}, train={"epochs": 2}, pruner={"type": "none"},
+                       resources={"max_concurrent": 2, "storage_path": str(tmp_path / "shared")},
+                       tracking={"register_best": False})
+    # Only the token: dlsearch turns on Ray's token mode for an explicit address itself.
+    env = _token_env(ray_cluster, DLSEARCH_DATA_DIR=os.path.relpath(SHARED_DATA, tmp_path))
+    out = _dlsearch(["run", str(path), "--address", ray_cluster["address"]], env, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert ray_cluster["token"] not in out.stdout + out.stderr
+    assert "cluster: 2 nodes run trials; they get DLSEARCH_DATA_DIR from this environment" in out.stdout
+    children = _children(tmp_path, "mnist-env")
+    assert len(children) == 4
+    assert {r.data.tags["dlsearch.state"] for r in children} == {"COMPLETE"}, [
+        r.data.tags.get("dlsearch.fail_reason") for r in children]
+    by_node = {r.data.tags["dlsearch.node"]: r.data.tags["dlsearch.node_ip"] for r in children}
+    assert sorted(by_node.values()) == [HEAD_IP, WORKER_IP]  # Ray node ids: both nodes ran trials
+    assert all(r.data.tags.get("dlsearch.hostname") for r in children)
+    assert list((tmp_path / "shared").glob("mnist-env-*")), "Tune's experiment folder belongs under storage_path"
+
+
+_SEES_ENV = """\
+import os
+
+
+def fit(config, report):
+    seen = sorted(k for k in os.environ if k.startswith(("DLSEARCH_", "MLFLOW_TRACKING_", "PGPASSWORD")))
+    absolute = os.path.isabs(os.environ.get("DLSEARCH_DATA_DIR", ""))
+    raise RuntimeError(f"broken on purpose; the worker sees {','.join(seen)}; data dir absolute: {absolute}")
+"""
+
+_FIXED = """\
+def fit(config, report):
+    for epoch in range(1, 3):
+        report(epoch, {"loss": config["model"]["x"] / epoch})
+"""
+
+
+def test_identical_failures_stop_the_study_and_a_rerun_after_the_fix_continues(ray_cluster: dict[str, Any],
+                                                                                tmp_path: Path) -> None:
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    (study_dir / "fit.py").write_text(_SEES_ENV)  # shipped with the study folder (working_dir)
+    path = write_study(study_dir, name="repeats", data={"dataset": "digits"}, model={"kind": "custom", "x": 0.0},
+                       trainable="fit:fit", search={"model.x": {"type": "float", "low": 0.0, "high": 1.0}},
+                       objective={"metric": "loss", "direction": "minimize"}, pruner={"type": "none"},
+                       budget={"trials": 4},
+                       resources={"max_concurrent": 2, "stop_after_identical_failures": 2,
+                                  "storage_path": str(tmp_path / "shared")},
+                       tracking={"register_best": False})
+    secrets_ = {"MLFLOW_TRACKING_USERNAME": "someone", "MLFLOW_TRACKING_PASSWORD": secrets.token_hex(8),
+                "PGPASSWORD": secrets.token_hex(8)}
+    env = _token_env(ray_cluster, DLSEARCH_DATA_DIR="data", DLSEARCH_NOTE="hello", **secrets_)
+    out = _dlsearch(["run", str(path), "--address", ray_cluster["address"]], env, tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    reason = ("RuntimeError: broken on purpose; the worker sees DLSEARCH_DATA_DIR,DLSEARCH_NOTE; "
+              "data dir absolute: True")  # the DLSEARCH_* variables travel, absolute; no credential does
+    assert out.stderr.count(reason) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"stopped: 2 trials in a row failed with the same reason: {reason}"), out.stderr
+    failed = [t for t in _trials(study_dir, "repeats") if t.user_attrs.get("fail_reason") == reason]
+    assert 2 <= len(failed) <= 3 and all(t.state.name == "FAIL" for t in failed)  # not the whole budget of 4
+    (study_dir / "fit.py").write_text(_FIXED)
+    out = _dlsearch(["run", str(path), "--address", ray_cluster["address"]], env, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = _trials(study_dir, "repeats")
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "FAIL") and t.user_attrs.get("fail_reason") !=
+                "interrupted"]
+    assert len(finished) == 4, [(t.number, t.state, t.user_attrs) for t in trials]
+    assert [t.number for t in finished if t.state.name == "FAIL"] == [t.number for t in failed]  # kept, as they were
+    assert all(t.user_attrs.get("fail_reason") == reason for t in finished if t.state.name == "FAIL")
+    states = {r.data.tags["dlsearch.trial_number"]: r.data.tags["dlsearch.state"] for r in _children(study_dir,
+                                                                                                       "repeats")}
+    assert sum(s == "COMPLETE" for s in states.values()) == 4 - len(failed)
+
+
+_ONLY_HERE = "def value():\n    return 1.0\n"
+
+_IMPORTS_ONLY_HERE = """\
+import onlyhere
+
+
+def fit(config, report):
+    import time
+
+    import ray
+
+    for epoch in range(1, 4):
+        time.sleep(0.2)
+        report(epoch, {"loss": onlyhere.value() / epoch, "ip": float(ray.util.get_node_ip_address().split(".")[-1])})
+"""
+
+
+def test_the_cluster_preflight_names_the_nodes_that_cannot_run_trials_and_leaves_them_out(
+        ray_cluster: dict[str, Any], tmp_path: Path) -> None:
+    # `onlyhere` is on the driver's PYTHONPATH and, later, on one node's: not in the study folder.
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "onlyhere.py").write_text(_ONLY_HERE)
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    (study_dir / "fit.py").write_text(_IMPORTS_ONLY_HERE)
+    path = write_study(study_dir, name="preflight", data={"dataset": "digits"}, model={"kind": "custom", "x": 0.0},
+                       trainable="fit:fit", search={"model.x": {"type": "float", "low": 0.0, "high": 1.0}},
+                       objective={"metric": "loss", "direction": "minimize"}, pruner={"type": "none"},
+                       budget={"trials": 2}, resources={"storage_path": str(tmp_path / "shared")},
+                       tracking={"register_best": False})
+    env = {**_token_env(ray_cluster), "PYTHONPATH": f"{ROOT}:{tmp_path / 'lib'}"}
+    run = [sys.executable, "-m", "dlsearch", "run", str(path), "--address", ray_cluster["address"]]
+    out = subprocess.run(run, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in out.stderr, out.stderr  # one line per node
+    for ip, line in zip(sorted([HEAD_IP, WORKER_IP]), sorted(lines)):
+        assert line.startswith(f"resources.address: node {ip} (") and "cannot import 'fit'" in line, line
+        assert "No module named 'onlyhere'" in line, line
+    assert not (study_dir / "mlflow.db").exists() and not (study_dir / "optuna.db").exists()  # nothing written
+    # A node that has the module: the other two are named and left out, and every trial runs there.
+    extra = _add_node(ray_cluster, EXTRA_IP, {"PYTHONPATH": str(tmp_path / "lib")})
+    try:
+        out = subprocess.run(run, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        _stop(extra)
+    assert out.returncode == 0, out.stdout + out.stderr
+    left_out = [line for line in out.stdout.splitlines() if line.endswith("; left out of this study")]
+    assert sorted(line.split()[2] for line in left_out) == [HEAD_IP, WORKER_IP], out.stdout
+    assert "cluster: 1 node runs trials; it gets no DLSEARCH_* variable" in out.stdout
+    children = _children(study_dir, "preflight")
+    assert len(children) == 2 and {r.data.tags["dlsearch.state"] for r in children} == {"COMPLETE"}
+    assert {r.data.tags["dlsearch.node_ip"] for r in children} == {EXTRA_IP}
+
+
+_SLOW_EPOCHS = """\
+import os
+import time
+from pathlib import Path
+
+import ray
+
+
+def fit(config, report):
+    # Where each trial started, for the test to know when the node it will lose is busy.
+    Path(os.environ["DLSEARCH_TEST_MARKERS"], f"{ray.util.get_node_ip_address()}-{time.time_ns()}").touch()
+    for epoch in range(1, 9):
+        time.sleep(0.5)
+        report(epoch, {"loss": config["model"]["x"] / epoch})
+"""
+
+
+def test_a_node_lost_mid_study_leaves_the_study_complete_on_the_others(ray_cluster: dict[str, Any],
+                                                                        tmp_path: Path) -> None:
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    (study_dir / "fit.py").write_text(_SLOW_EPOCHS)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    path = write_study(study_dir, name="lost-node", data={"dataset": "digits"}, model={"kind": "custom", "x": 0.0},
+                       trainable="fit:fit", search={"model.x": {"type": "float", "low": 0.0, "high": 1.0}},
+                       objective={"metric": "loss", "direction": "minimize"}, pruner={"type": "none"},
+                       budget={"trials": 4}, resources={"storage_path": str(tmp_path / "shared")},
+                       tracking={"register_best": False})
+    extra = _add_node(ray_cluster, EXTRA_IP)
+    env = _token_env(ray_cluster, DLSEARCH_TEST_MARKERS=str(markers))
+    cmd = [sys.executable, "-m", "dlsearch", "run", str(path), "--address", ray_cluster["address"]]
+    with open(tmp_path / "run.log", "w") as log:
+        driver = subprocess.Popen(cmd, env={**env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        try:
+            _wait_for(lambda: any(m.name.startswith(f"{EXTRA_IP}-") for m in markers.iterdir()), 180,
+                      "a trial on the node to lose", driver)
+            time.sleep(1)  # an epoch or two in
+            _stop(extra, grace_s=0)  # SIGKILL to every process of the node
+            driver.wait(timeout=300)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    text = (tmp_path / "run.log").read_text()
+    assert driver.returncode == 0, text
+    trials = [t for t in _trials(study_dir, "lost-node") if t.state.is_finished()]
+    assert sorted(t.number for t in trials) == list(range(4)) and {t.state.name for t in trials} == {"COMPLETE"}
+    children = _children(study_dir, "lost-node")
+    assert sorted(int(r.data.tags["dlsearch.trial_number"]) for r in children) == list(range(4))  # none twice
+    client = MlflowClient(tracking_uri=f"sqlite:///{study_dir}/mlflow.db")
+    for run in children:  # a trial the lost node ran again elsewhere logs each epoch once
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == sorted(set(steps)) and steps[-1] == 8, (run.data.tags["dlsearch.trial_number"], steps)
+    started_at = [m.name.split("-")[0] for m in markers.iterdir()]
+    assert EXTRA_IP in started_at and len(started_at) > 4, started_at  # the lost node's trial started again
 
 
 # ---------------------------------------------------------------- MLflow server on PostgreSQL
@@ -358,10 +604,11 @@ def _connects(host: str, port: int) -> bool:
         return False
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def _start(cmd: list[str], env: dict[str, str], log: Path, cwd: str | None = None) -> subprocess.Popen:
     """A server in a process group of its own, so that teardown stops it and everything it started."""
     with open(log, "w") as handle:
-        return subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=cwd)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 5) -> None:

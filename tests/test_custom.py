@@ -420,7 +420,7 @@ def test_report_rejects_what_cannot_become_a_curve(tmp_path: Path) -> None:
 def test_a_cluster_gets_the_study_folder_and_local_packages_and_a_local_run_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dlsearch.runner import cluster_runtime_env
+    from dlsearch.cluster import cluster_runtime_env
 
     assert cluster_runtime_env(load_spec(STUDIES / "digits.yaml")) is None  # no user code to ship
     env = cluster_runtime_env(load_spec(STUDIES / "custom_cnn.yaml"))
