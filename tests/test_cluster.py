@@ -41,7 +41,8 @@ VERSION = "0.1.0"
 # Two Ray nodes on one host need two addresses: `ray start` turns 127.0.0.1 into the host's
 # outward address, but keeps the rest of the loopback range (Linux answers all of 127/8).
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
-EXTRA_IP = "127.0.0.4"  # a third node, added by a test that needs one of its own (to lose it, or to set it apart)
+EXTRA_IP = "127.0.0.4"  # a third node, added by the test that sets it apart
+LOST_IP = "127.0.0.5"  # a third node, added by the test that loses it (not EXTRA_IP: a stopped node's address)
 
 
 # ---------------------------------------------------------------- deploy/
@@ -425,14 +426,14 @@ def test_a_node_lost_mid_study_leaves_the_study_complete_on_the_others(ray_clust
                        objective={"metric": "loss", "direction": "minimize"}, pruner={"type": "none"},
                        budget={"trials": 4}, resources={"storage_path": str(tmp_path / "shared")},
                        tracking={"register_best": False})
-    extra = _add_node(ray_cluster, EXTRA_IP)
+    extra = _add_node(ray_cluster, LOST_IP)
     env = _token_env(ray_cluster, DLSEARCH_TEST_MARKERS=str(markers))
     cmd = [sys.executable, "-m", "dlsearch", "run", str(path), "--address", ray_cluster["address"]]
     with open(tmp_path / "run.log", "w") as log:
         driver = subprocess.Popen(cmd, env={**env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path, stdout=log,
                                   stderr=subprocess.STDOUT)
         try:
-            _wait_for(lambda: any(m.name.startswith(f"{EXTRA_IP}-") for m in markers.iterdir()), 180,
+            _wait_for(lambda: any(m.name.startswith(f"{LOST_IP}-") for m in markers.iterdir()), 180,
                       "a trial on the node to lose", driver)
             time.sleep(1)  # an epoch or two in
             _stop(extra, grace_s=0)  # SIGKILL to every process of the node
@@ -451,7 +452,7 @@ def test_a_node_lost_mid_study_leaves_the_study_complete_on_the_others(ray_clust
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == sorted(set(steps)) and steps[-1] == 8, (run.data.tags["dlsearch.trial_number"], steps)
     started_at = [m.name.split("-")[0] for m in markers.iterdir()]
-    assert EXTRA_IP in started_at and len(started_at) > 4, started_at  # the lost node's trial started again
+    assert LOST_IP in started_at and len(started_at) > 4, started_at  # the lost node's trial started again
 
 
 # ---------------------------------------------------------------- MLflow server on PostgreSQL
