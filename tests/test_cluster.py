@@ -424,7 +424,10 @@ def test_a_node_lost_mid_study_leaves_the_study_complete_on_the_others(ray_clust
     path = write_study(study_dir, name="lost-node", data={"dataset": "digits"}, model={"kind": "custom", "x": 0.0},
                        trainable="fit:fit", search={"model.x": {"type": "float", "low": 0.0, "high": 1.0}},
                        objective={"metric": "loss", "direction": "minimize"}, pruner={"type": "none"},
-                       budget={"trials": 4}, resources={"storage_path": str(tmp_path / "shared")},
+                       budget={"trials": 4},
+                       # One trial per node at once (write_study runs one at a time): the node to lose
+                       # surely gets one of the first three.
+                       resources={"max_concurrent": 3, "storage_path": str(tmp_path / "shared")},
                        tracking={"register_best": False})
     extra = _add_node(ray_cluster, LOST_IP)
     env = _token_env(ray_cluster, DLSEARCH_TEST_MARKERS=str(markers))
