@@ -117,8 +117,8 @@ def warm_up_workers(data: Any, seed: int, n_workers: int) -> float:
 
     @ray.remote(num_cpus=1, max_calls=1)
     def warm(data: Any, seed: int) -> None:
-        import dlsearch.trainable  # noqa: F401 - torch, ray.tune and dlsearch, as a trial imports them
-        from dlsearch.data import load_data
+        import dlsearch.backend.worker  # noqa: F401 - torch, ray.tune and dlsearch, as a trial imports them
+        from dlsearch.trial.data import load_data
 
         load_data(data, seed)
 

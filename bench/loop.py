@@ -1,4 +1,4 @@
-"""How much slower is `dlsearch.train.train_trial` than a bare training loop on the same work?
+"""How much slower is `dlsearch.trial.train.train_trial` than a bare training loop on the same work?
 
 Goal: dlsearch's median epoch takes at most 1.10x the bare loop's.
 
@@ -7,7 +7,7 @@ dlsearch does per optimizer step:
 
 - the data is one in-memory tensor per split on the trial's device; each epoch draws a
   `torch.randperm` (seeded generator) and slices index batches from it: no DataLoader;
-- the model comes from `dlsearch.models.build_model` with the study's `model:` section, seeded
+- the model comes from `dlsearch.trial.models.build_model` with the study's `model:` section, seeded
   like dlsearch seeds it;
 - per batch: forward, `cross_entropy`, `zero_grad(set_to_none=True)`, backward,
   `clip_grad_norm_` to `train.grad_clip`, optimizer step (Adam or AdamW with the study's lr
@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from bench import REPO, machine
-from dlsearch.config import TrialConfig, trial_config
-from dlsearch.data import DataBundle, load_data
-from dlsearch.models import build_model
-from dlsearch.spec import load_spec
-from dlsearch.train import resolve_device, train_trial
+from dlsearch.config.trial_config import TrialConfig, trial_config
+from dlsearch.trial.data import DataBundle, load_data
+from dlsearch.trial.models import build_model
+from dlsearch.config.spec import load_spec
+from dlsearch.trial.train import resolve_device, train_trial
 
 HEADING = "## Training loop overhead: dlsearch vs a bare loop (`bench/loop.py`)"
 GOAL_RATIO = 1.10  # dlsearch's median epoch / the bare loop's

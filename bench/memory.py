@@ -6,13 +6,13 @@ Each case runs one trial per side, each in a fresh Python process (`python -m be
 CASE`, started from here one after another, bare side first), which records its memory at three
 points:
 
-1. after the imports: torch, `dlsearch.data`, `dlsearch.train`, `dlsearch.spec`,
-   `dlsearch.config` and `bench.loop` (both sides import the same modules), and what torch
+1. after the imports: torch, `dlsearch.trial.data`, `dlsearch.trial.train`, `dlsearch.config.spec`,
+   `dlsearch.config.trial_config` and `bench.loop` (both sides import the same modules), and what torch
    imports only when the first optimizer is built (one Adam step on a one-weight model);
-2. after the data is loaded: `dlsearch.data.load_data` on the study's `data:` section, as
+2. after the data is loaded: `dlsearch.trial.data.load_data` on the study's `data:` section, as
    `bench/loop.py` loads it (the split tensors in memory, normalized);
 3. after training `train.epochs` epochs from scratch: dlsearch's side runs
-   `dlsearch.train.train_trial` with a report callable that writes each checkpoint with
+   `dlsearch.trial.train.train_trial` with a report callable that writes each checkpoint with
    `torch.save` to a temporary file as the Ray trainable does (Ray and Tune themselves are not
    loaded); the bare side runs `bench.loop.bare_run`, the least a hand-written loop does for the
    same model, data and optimizer (its module docstring lists it).
@@ -138,7 +138,7 @@ def markdown(result: dict[str, Any]) -> str:
            "every trial trained on the CPU.")
     return (
         "Peak resident memory of one trial (`python -m bench memory`), each side in a fresh process that "
-        "imports the same modules, loads the study's data with `dlsearch.data.load_data` and trains one trial "
+        "imports the same modules, loads the study's data with `dlsearch.trial.data.load_data` and trains one trial "
         "from scratch: dlsearch's `train_trial` (checkpoints written with `torch.save` to a temporary file "
         "each epoch, as the Ray trainable does; Ray itself is not loaded) or `bench/loop.py`'s bare loop on "
         f"the same model, data and optimizer. Memory is read from {source}: each phase (imports, data load, "
@@ -148,7 +148,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs; {m['date']}; torch {m['torch']}, Python {m['python']}.\n\n"
         + "\n".join(rows) + "\n\nSame-run ratios:\n\n" + "\n".join(ratios)
         + "\n\nThe bare loop has no test pass; dlsearch's trial ends with one over the whole test split, in "
-        "batches of up to 4,096 images like its validation passes (`dlsearch.train.evaluate`). With a CNN one such "
+        "batches of up to 4,096 images like its validation passes (`dlsearch.trial.train.evaluate`). With a CNN one such "
         "batch's activations take hundreds of MiB, so a trial whose validation split is smaller than that "
         "batch peaks in its test pass. Where the data loader's peak is the largest (it reads every image "
         "before it subsets and normalizes), both sides share it."
@@ -219,10 +219,10 @@ def _child(case: Case, side: str) -> dict[str, Any]:
     import torch
 
     from bench.loop import bare_run
-    from dlsearch.config import trial_config
-    from dlsearch.data import DataBundle, load_data
-    from dlsearch.spec import load_spec
-    from dlsearch.train import resolve_device, train_trial
+    from dlsearch.config.trial_config import trial_config
+    from dlsearch.trial.data import DataBundle, load_data
+    from dlsearch.config.spec import load_spec
+    from dlsearch.trial.train import resolve_device, train_trial
 
     _import_lazily_loaded_modules()
     imports = _memory_now()
@@ -257,7 +257,7 @@ def _child(case: Case, side: str) -> dict[str, Any]:
     if cuda:
         torch.cuda.synchronize()
     trained = _memory_now()
-    from dlsearch.models import build_model  # after the last reading: only to count the weights
+    from dlsearch.trial.models import build_model  # after the last reading: only to count the weights
 
     n_params = sum(p.numel() for p in build_model(cfg.model, data.input_shape, data.n_classes).parameters())
     return {

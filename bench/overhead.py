@@ -17,13 +17,13 @@ before any of them (so Ray's start-up is in none; it is reported on its own) and
   work), every store in a temporary folder, `register_best: false` (the peer registers no
   model; everything else `dlsearch run` does at the end of a study is timed);
 - dlsearch with `resources.population` = the number of trials: the same study, but trials that
-  share the model's shapes train as one stacked model in one Tune trial (`dlsearch.population`);
+  share the model's shapes train as one stacked model in one Tune trial (`dlsearch.trial.population`);
   a population's epoch counts once in the in-trial time (its members report the same epoch);
 - the peer: the script a user glues together from the libraries' documented integrations:
   `tune.Tuner` + `ray.tune.search.optuna.OptunaSearch` (the same define-by-run search space via
-  `dlsearch.search.suggest`, the same TPE settings and seed) +
+  `dlsearch.search.space.suggest`, the same TPE settings and seed) +
   `ray.air.integrations.mlflow.MLflowLoggerCallback` (to a SQLite store in a temporary folder).
-  Its trainable runs the same `dlsearch.train.train_trial` on the same data and calls
+  Its trainable runs the same `dlsearch.trial.train.train_trial` on the same data and calls
   `ray.tune.report` once per epoch (no checkpoints). It runs with Tune's defaults (a fresh actor,
   so a fresh worker process, per trial) and, outside --quick, also with `reuse_actors=True`, the
   one setting that changes its cost most (dlsearch reuses actors).
@@ -87,7 +87,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "peer_reuse_actors": _peer_reusing_actors}
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in s.sides}
     with ray_session() as ray_start_s:
-        from dlsearch.spec import load_spec
+        from dlsearch.config.spec import load_spec
 
         spec = load_spec(REPO / STUDY)
         warm_up_s = warm_up_workers(spec.data, spec.seed, s.concurrency) if s.warm_up else 0.0
@@ -230,8 +230,8 @@ def _dlsearch_population(s: Setup, folder: Path) -> dict[str, Any]:
 
 
 def _dlsearch(s: Setup, folder: Path, population: int = 1) -> dict[str, Any]:
-    from dlsearch.runner import run_study
-    from dlsearch.spec import load_spec
+    from dlsearch.tuner.runner import run_study
+    from dlsearch.config.spec import load_spec
 
     spec = load_spec(REPO / STUDY, study_overrides(s, folder) + [f"resources.population={population}"])
     epoch_s: list[float] = []
@@ -276,7 +276,7 @@ def _peer(s: Setup, folder: Path, reuse_actors: bool = False) -> dict[str, Any]:
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
-    from dlsearch.spec import load_spec
+    from dlsearch.config.spec import load_spec
 
     spec = load_spec(REPO / STUDY, study_overrides(s, folder))
     objective = spec.objectives[0]
@@ -327,7 +327,7 @@ class _PeerSpace:
         self.spec = spec
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        from dlsearch.search import suggest
+        from dlsearch.search.space import suggest
 
         suggest(trial, self.spec)  # OptunaSearch captures the suggestions as the config
         return {"number": trial.number}  # the trial seed derives from it, as in dlsearch
@@ -337,9 +337,9 @@ def _peer_trainable(config: dict[str, Any], spec: Any) -> None:
     """The peer's Tune function trainable: the same `train_trial` on the same data, one report per epoch."""
     from ray import tune
 
-    from dlsearch.config import trial_config
-    from dlsearch.data import load_data
-    from dlsearch.train import train_trial
+    from dlsearch.config.trial_config import trial_config
+    from dlsearch.trial.data import load_data
+    from dlsearch.trial.train import train_trial
 
     params = {k: v for k, v in config.items() if k != "number"}
     cfg = trial_config(spec, params, int(config["number"]))

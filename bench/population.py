@@ -5,8 +5,8 @@ runs K small models as one large product in about the time of one; this machine 
 
 The two sides train the same K trial configs on the same `DataBundle`, in this process:
 
-- sequential: `dlsearch.train.train_trial(cfg, data)` for each config, one after another;
-- population: `dlsearch.population.train_population(cfgs, data)`, all K at once.
+- sequential: `dlsearch.trial.train.train_trial(cfg, data)` for each config, one after another;
+- population: `dlsearch.trial.population.train_population(cfgs, data)`, all K at once.
 
 Each config is the study's (studies/mnist.yaml or studies/digits.yaml, with the `--set` items of
 the case) with the values a search would sample drawn at random from fixed ranges: `train.lr`
@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from bench import REPO, load_1min, machine
-from dlsearch.config import TrialConfig, trial_config
-from dlsearch.data import DataBundle, load_data
-from dlsearch.population import train_population
-from dlsearch.spec import load_spec
-from dlsearch.train import train_trial
+from dlsearch.config.trial_config import TrialConfig, trial_config
+from dlsearch.trial.data import DataBundle, load_data
+from dlsearch.trial.population import train_population
+from dlsearch.config.spec import load_spec
+from dlsearch.trial.train import train_trial
 
 HEADING = "## Batched populations: K trials as one stacked model vs one after another (`bench/population.py`)"
 INITS = ("kaiming_normal", "xavier_uniform", "orthogonal")
@@ -119,7 +119,7 @@ def markdown(result: dict[str, Any]) -> str:
     loads = [x for c in result["cases"] for x in c["load_1min"]]
     return (
         "K trials of one study that share the model's shapes (depth, width, norm) and differ in lr, weight "
-        "decay, dropout, init and seed, trained as ONE stacked model by `dlsearch.population.train_population` "
+        "decay, dropout, init and seed, trained as ONE stacked model by `dlsearch.trial.population.train_population` "
         "vs the same K configs through `train_trial` one after another, in one process on the CPU "
         "(`python -m bench population`). A cell is the wall time of the whole side (set-up, every epoch, the "
         "test evaluation of the best weights); the speedup is sequential / population time, the median over "

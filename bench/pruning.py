@@ -47,7 +47,7 @@ def overrides(quick: bool) -> list[str]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     """One study per pruner, in the order of PRUNERS (quick: none and hyperband only)."""
-    from dlsearch.spec import load_spec
+    from dlsearch.config.spec import load_spec
 
     chosen = ("none", "hyperband") if quick else tuple(PRUNERS)
     base = overrides(quick)
@@ -178,8 +178,8 @@ def _rungs(epochs: int, reduction_factor: int = 3, min_resource: int = 1) -> lis
 def _run_one(study_overrides: list[str]) -> dict[str, Any]:
     import optuna
 
-    from dlsearch.runner import open_storage, run_study
-    from dlsearch.spec import load_spec
+    from dlsearch.tuner.runner import open_storage, run_study
+    from dlsearch.config.spec import load_spec
 
     spec = load_spec(REPO / STUDY, study_overrides)
     epoch_s: list[float] = []

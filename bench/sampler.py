@@ -2,13 +2,13 @@
 
 No goal yet: this measures how the cost of an `ask` scales, to 1,000 trials (50 with --quick).
 
-What is timed is what `dlsearch.runner`'s driver does when Tune asks it for a trial:
-`study.ask()` then `dlsearch.search.suggest(trial, spec)` (every dimension of the search space,
+What is timed is what `dlsearch.tuner.runner`'s driver does when Tune asks it for a trial:
+`study.ask()` then `dlsearch.search.space.suggest(trial, spec)` (every dimension of the search space,
 define-by-run, `when:` conditions included): one "ask". The study is built the way the runner
-builds it: `optuna.create_study` with `dlsearch.search.make_sampler` / `make_pruner` /
+builds it: `optuna.create_study` with `dlsearch.search.space.make_sampler` / `make_pruner` /
 `directions` on studies/mnist.yaml's spec (TPE with the study seed and Optuna's defaults, as
 shipped; `--set sampler.type=random` for the baseline), on the storage the runner opens
-(`dlsearch.runner.open_storage`: SQLite in a temporary folder) and, for reference, on Optuna's
+(`dlsearch.tuner.runner.open_storage`: SQLite in a temporary folder) and, for reference, on Optuna's
 in-memory storage. No Ray and no training: trials run one at a time, so each ask sees every
 earlier trial finished. The four studies (TPE and random, on SQLite and in memory) grow in turn,
 trial by trial, so that drift in the machine's speed, and in its disk's, hits all alike. A bare
@@ -53,8 +53,8 @@ import numpy as np
 import optuna
 
 from bench import REPO, load_1min, machine, versions
-from dlsearch.search import directions, make_pruner, make_sampler, suggest
-from dlsearch.spec import CategoricalDim, StudySpec, load_spec
+from dlsearch.search.space import directions, make_pruner, make_sampler, suggest
+from dlsearch.config.spec import CategoricalDim, StudySpec, load_spec
 
 HEADING = "## Sampler time per ask as the study grows: TPE vs random, SQLite vs in-memory (`bench/sampler.py`)"
 STUDY = "studies/mnist.yaml"
@@ -160,11 +160,11 @@ def markdown(result: dict[str, Any]) -> str:
             else f" 1-minute load average {', '.join(f'{x:.1f}' for x in loads)} at the start and after each quarter.")
     return (
         "Time the driver spends sampling the next trial's parameters as an Optuna study grows "
-        f"(`python -m bench sampler`): `study.ask()` plus `dlsearch.search.suggest` over {result['study']}'s "
+        f"(`python -m bench sampler`): `study.ask()` plus `dlsearch.search.space.suggest` over {result['study']}'s "
         f"search space ({result['n_dimensions']} dimensions, {', '.join(result['conditional']) or 'none'} "
         "conditional), on a study built as `run_study` builds it (`make_sampler`: TPE with the study seed and "
         "Optuna's defaults, or random as the baseline), on SQLite in a temporary folder opened by "
-        "`dlsearch.runner.open_storage` and, for reference, on Optuna's in-memory storage. No Ray, no "
+        "`dlsearch.tuner.runner.open_storage` and, for reference, on Optuna's in-memory storage. No Ray, no "
         "training: trials run one at a time (the four studies in turn, trial by trial, so drift hits all "
         f"alike); each stores the `mlflow_run_id` user attribute and a {result['curve_points']}-point curve as "
         "a real one does, and is told a synthetic objective (a smooth bowl over the parameters' positions in "
@@ -218,7 +218,7 @@ class _Growth:
     """One study (one sampler on one storage) grown one trial at a time; each ask and tell timed."""
 
     def __init__(self, sampler: str, storage: str, folder: Path) -> None:
-        from dlsearch.runner import open_storage  # imports MLflow: only when a benchmark runs
+        from dlsearch.tuner.runner import open_storage  # imports MLflow: only when a benchmark runs
 
         folder.mkdir(parents=True)
         self.sampler, self.storage = sampler, storage

@@ -3,7 +3,7 @@
 Goal: the driver's per-trial MLflow writes take at most 1% of the trials' in-trial time.
 
 Part 1 runs a digits study (studies/digits.yaml as shipped: its own budget, epochs and median
-pruner; every store in a temporary folder) through `run_study` with `dlsearch.tracker.MlflowTracker`
+pruner; every store in a temporary folder) through `run_study` with `dlsearch.tracking.tracker.MlflowTracker`
 instrumented from here: every public method is wrapped in a stopwatch on the class for the
 duration of the run (dlsearch itself is unchanged; a call made from inside another timed call,
 such as `end` flushing, counts once). The calls fall in two groups:
@@ -139,8 +139,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _study_share(folder: Path, extra: list[str]) -> dict[str, Any]:
-    from dlsearch.runner import run_study
-    from dlsearch.spec import load_spec
+    from dlsearch.tuner.runner import run_study
+    from dlsearch.config.spec import load_spec
 
     spec = load_spec(REPO / STUDY, [*extra, *store_overrides(folder)])
     epoch_s: list[float] = []
@@ -195,7 +195,7 @@ class _Clock:
 @contextmanager
 def _timed_tracker() -> Iterator[_Clock]:
     """Every public `MlflowTracker` method timed while the block runs (only the driver calls them)."""
-    from dlsearch.tracker import MlflowTracker
+    from dlsearch.tracking.tracker import MlflowTracker
 
     clock = _Clock()
     originals = {name: method for name, method in vars(MlflowTracker).items()

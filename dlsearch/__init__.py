@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from dlsearch.spec import SpecError, StudySpec, load_spec  # noqa: E402
+from dlsearch.config.spec import SpecError, StudySpec, load_spec  # noqa: E402
 
 __all__ = ["SpecError", "StudySpec", "load_spec", "run_study", "__version__"]
 
@@ -19,7 +19,7 @@ __all__ = ["SpecError", "StudySpec", "load_spec", "run_study", "__version__"]
 def __getattr__(name: str):
     # Lazy: importing Ray, Optuna and MLflow costs seconds; `dlsearch validate` needs none of them.
     if name == "run_study":
-        from dlsearch.runner import run_study
+        from dlsearch.tuner.runner import run_study
 
         return run_study
     raise AttributeError(name)

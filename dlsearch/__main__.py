@@ -1,3 +1,3 @@
-from dlsearch.cli import main
+from dlsearch.cli.commands import main
 
 main(prog_name="dlsearch")

@@ -17,9 +17,9 @@ import pytest
 from click.testing import CliRunner, Result
 from mlflow import MlflowClient
 
-from dlsearch.cli import main
-from dlsearch.preflight import study_lock
-from dlsearch.spec import load_spec
+from dlsearch.cli.commands import main
+from dlsearch.tuner.preflight import study_lock
+from dlsearch.config.spec import load_spec
 from tests import studies
 
 # A port nothing listens on: connections are refused at once (no timeout to wait for).

@@ -144,8 +144,8 @@ def _ray_version() -> str:
 
 def test_workers_get_the_dlsearch_variables_absolute_and_never_a_credential(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from dlsearch.cluster import for_workers, runtime_env, worker_env
-    from dlsearch.spec import load_spec
+    from dlsearch.backend.cluster import for_workers, runtime_env, worker_env
+    from dlsearch.config.spec import load_spec
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DLSEARCH_DATA_DIR", raising=False)
@@ -169,7 +169,7 @@ def test_workers_get_the_dlsearch_variables_absolute_and_never_a_credential(tmp_
 def test_a_resumed_study_goes_on_counting_the_failures_in_a_row() -> None:
     import optuna
 
-    from dlsearch.runner import _failure_streak
+    from dlsearch.tuner.runner import _failure_streak
 
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
     assert _failure_streak(study) == ("", 0)
@@ -555,7 +555,7 @@ def test_wrong_or_missing_credentials_stop_the_run_before_it_writes(mlflow_serve
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from dlsearch.cli import main
+    from dlsearch.cli.commands import main
 
     url, user, password = mlflow_server["url"], mlflow_server["user"], mlflow_server["password"]
     for name in [k for k in os.environ if k.startswith("MLFLOW_TRACKING_")]:

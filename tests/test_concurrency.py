@@ -14,8 +14,8 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from dlsearch.runner import run_study
-from dlsearch.spec import load_spec
+from dlsearch.tuner.runner import run_study
+from dlsearch.config.spec import load_spec
 from tests import studies
 
 pytestmark = pytest.mark.slow

@@ -24,15 +24,15 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from dlsearch.cli import main
-from dlsearch.config import trial_config
-from dlsearch.custom_trainable import run_custom_trainable
-from dlsearch.data import DataBundle, DataError, DatasetBundle, load_data
-from dlsearch.entrypoints import resolve
-from dlsearch.models import build_model
-from dlsearch.spec import SpecError, load_spec
-from dlsearch.tracker import tracking_uri
-from dlsearch.train import TrialPruned, train_trial
+from dlsearch.cli.commands import main
+from dlsearch.config.trial_config import trial_config
+from dlsearch.trial.custom_trainable import run_custom_trainable
+from dlsearch.trial.data import DataBundle, DataError, DatasetBundle, load_data
+from dlsearch.config.entrypoints import resolve
+from dlsearch.trial.models import build_model
+from dlsearch.config.spec import SpecError, load_spec
+from dlsearch.config.stores import tracking_uri
+from dlsearch.trial.train import TrialPruned, train_trial
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "studies"
@@ -123,7 +123,7 @@ def test_entry_points_resolve_from_the_study_folder_then_the_cwd_then_installed(
     assert resolve(f"{name}:load", "data.factory", tmp_path / "study")({}, 0) == "study folder"
     assert resolve(f"{only_cwd}:load", "data.factory", tmp_path / "study")({}, 0) == "cwd"
     assert resolve(f"{installed}:load", "data.factory", tmp_path / "study")({}, 0) == "installed"
-    assert resolve("dlsearch.train:train_trial", "trainable")  # an installed package's function
+    assert resolve("dlsearch.trial.train:train_trial", "trainable")  # an installed package's function
 
 
 BAD_ENTRY_POINTS = [
@@ -181,15 +181,15 @@ def test_validate_exits_2_with_a_line_naming_the_key_for_a_module_that_does_not_
     result = CliRunner().invoke(main, ["validate", str(study), "--set", "model.factory=dlsearch.models:build_model"])
     assert result.exit_code == 0, result.output
     searched = write_study(tmp_path, name="searched.yaml",
-                           model={"kind": "custom", "factory": "dlsearch.models:build_model"},
+                           model={"kind": "custom", "factory": "dlsearch.trial.models:build_model"},
                            search={"model.factory": {"type": "categorical",
-                                                     "choices": ["dlsearch.models:build_model", "nowhere_y:net"]}})
+                                                     "choices": ["dlsearch.trial.models:build_model", "nowhere_y:net"]}})
     problems = problems_of(searched)
     assert any(p.startswith("search.model.factory.choices[1]: cannot import 'nowhere_y'") for p in problems)
 
 
 def test_factories_belong_to_custom_sections_and_custom_sections_need_one(tmp_path: Path) -> None:
-    study = write_study(tmp_path, data={"dataset": "digits", "factory": "dlsearch.data:load_data"},
+    study = write_study(tmp_path, data={"dataset": "digits", "factory": "dlsearch.trial.data:load_data"},
                         model={"kind": "custom"})
     problems = problems_of(study)
     assert "data.factory: is used only with dataset custom (got dataset digits)" in problems
@@ -307,7 +307,7 @@ def test_a_custom_model_trains_in_the_built_in_loop_on_built_in_data(tmp_path: P
 
 TRAINABLE = """
     import math
-    from dlsearch.train import TrialPruned
+    from dlsearch.trial.train import TrialPruned
 
     events = []
 
@@ -420,7 +420,7 @@ def test_report_rejects_what_cannot_become_a_curve(tmp_path: Path) -> None:
 def test_a_cluster_gets_the_study_folder_and_local_packages_and_a_local_run_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dlsearch.cluster import cluster_runtime_env
+    from dlsearch.backend.cluster import cluster_runtime_env
 
     assert cluster_runtime_env(load_spec(STUDIES / "digits.yaml")) is None  # no user code to ship
     env = cluster_runtime_env(load_spec(STUDIES / "custom_cnn.yaml"))
@@ -431,7 +431,7 @@ def test_a_cluster_gets_the_study_folder_and_local_packages_and_a_local_run_noth
     monkeypatch.chdir(tmp_path / "cwd")
     (tmp_path / "studies").mkdir()
     study = write_study(tmp_path / "studies", model={"kind": "custom", "factory": f"{package}.nets:mlp", "hidden": 4},
-                        trainable="dlsearch.train:train_trial")  # installed (here, editable): never shipped
+                        trainable="dlsearch.trial.train:train_trial")  # installed (here, editable): never shipped
     env = cluster_runtime_env(load_spec(study))
     assert env["working_dir"] == str(tmp_path / "studies")
     assert env["py_modules"] == [str(tmp_path / "cwd" / package)]

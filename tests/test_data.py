@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dlsearch import data
-from dlsearch.data import (
+from dlsearch.trial.data import (
     IDX_FILES,
     DataError,
     check_data_available,
@@ -30,7 +30,7 @@ from dlsearch.data import (
     load_data,
     search_roots,
 )
-from dlsearch.spec import DataSpec
+from dlsearch.config.spec import DataSpec
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 UNREACHABLE = "http://127.0.0.1:9/"  # nothing listens on the discard port: connections are refused at once

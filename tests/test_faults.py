@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from dlsearch.cli import main
-from dlsearch.runner import run_study
-from dlsearch.spec import load_spec
+from dlsearch.cli.commands import main
+from dlsearch.tuner.runner import run_study
+from dlsearch.config.spec import load_spec
 from tests.test_run import write_study
 
 pytestmark = pytest.mark.slow

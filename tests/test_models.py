@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dlsearch.config import trial_config
-from dlsearch.data import load_data
-from dlsearch.entrypoints import EntryPointError
-from dlsearch.models import build_model, count_parameters, init_weights
-from dlsearch.sequence_models import TOKEN_STD, as_patches, as_sequence
-from dlsearch.spec import ModelSpec, spec_from_dict
-from dlsearch.train import train_trial
+from dlsearch.config.trial_config import trial_config
+from dlsearch.trial.data import load_data
+from dlsearch.config.entrypoints import EntryPointError
+from dlsearch.trial.models import build_model, count_parameters, init_weights
+from dlsearch.trial.sequence_models import TOKEN_STD, as_patches, as_sequence
+from dlsearch.config.spec import ModelSpec, spec_from_dict
+from dlsearch.trial.train import train_trial
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAPES = [(1, 28, 28), (1, 8, 8), (20,)]

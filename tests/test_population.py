@@ -13,16 +13,16 @@ from typing import Iterator, Mapping
 import pytest
 import torch
 
-from dlsearch.config import TrialConfig
-from dlsearch.models import build_model
-from dlsearch.population import (
+from dlsearch.config.trial_config import TrialConfig
+from dlsearch.trial.models import build_model
+from dlsearch.trial.population import (
     check_stackable,
     clip_grad_norm_per_member_,
     group_stackable,
     stack_problems,
     train_population,
 )
-from dlsearch.train import TrialPruned, TrialResult, evaluate, train_trial
+from dlsearch.trial.train import TrialPruned, TrialResult, evaluate, train_trial
 from tests.test_train import METRICS, curves, data_for, make_cfg
 
 TOLERANCE = 1e-4  # on losses: members and lone trials differ only in float rounding

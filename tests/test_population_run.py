@@ -15,9 +15,9 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from dlsearch.population import VARYING
-from dlsearch.runner import run_study
-from dlsearch.spec import load_spec
+from dlsearch.trial.population import VARYING
+from dlsearch.tuner.runner import run_study
+from dlsearch.config.spec import load_spec
 from tests.studies import write_study
 
 pytestmark = pytest.mark.slow
@@ -86,10 +86,10 @@ def test_each_member_has_a_child_run_with_its_curve_and_checkpoint(population_st
 def test_a_members_checkpoint_holds_its_own_best_weights(population_study) -> None:
     """The registered best trial's weights are its own row of the stacked model: evaluated alone,
     they give the validation accuracy its curve reached."""
-    from dlsearch.config import trial_config
-    from dlsearch.data import load_data
-    from dlsearch.models import build_model
-    from dlsearch.train import evaluate
+    from dlsearch.config.trial_config import trial_config
+    from dlsearch.trial.data import load_data
+    from dlsearch.trial.models import build_model
+    from dlsearch.trial.train import evaluate
 
     folder, study, _ = population_study
     best = study.best_trial

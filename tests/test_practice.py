@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from dlsearch import train as train_module
-from dlsearch.config import trial_config
-from dlsearch.data import load_data
-from dlsearch.spec import AugmentSpec, DataSpec, SpecError, load_spec
-from dlsearch.tracker import MlflowTracker
-from dlsearch.practice import find_overfit_epoch, is_binary, loss_fn, make_augment, n_outputs
-from dlsearch.train import train_trial
+from dlsearch.config.trial_config import trial_config
+from dlsearch.trial.data import load_data
+from dlsearch.config.spec import AugmentSpec, DataSpec, SpecError, load_spec
+from dlsearch.tracking.tracker import MlflowTracker
+from dlsearch.trial.practice import find_overfit_epoch, is_binary, loss_fn, make_augment, n_outputs
+from dlsearch.trial.train import train_trial
 from tests.studies import write_study
 from tests.test_train import data_for, make_cfg
 

@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from dlsearch.spec import load_spec
+from dlsearch.config.spec import load_spec
 from tests.test_run import write_study
 
 pytestmark = pytest.mark.slow

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 
 from dlsearch import sanity
 from dlsearch import train as train_module
-from dlsearch.cli import main
-from dlsearch.config import TrialConfig, trial_config
-from dlsearch.data import DataBundle, load_data
-from dlsearch.models import build_model
-from dlsearch.sanity import SanityResult, run_sanity
-from dlsearch.spec import load_spec
+from dlsearch.cli.commands import main
+from dlsearch.config.trial_config import TrialConfig, trial_config
+from dlsearch.trial.data import DataBundle, load_data
+from dlsearch.trial.models import build_model
+from dlsearch.trial.sanity import SanityResult, run_sanity
+from dlsearch.config.spec import load_spec
 
 DIGITS_STUDY = Path(__file__).resolve().parents[1] / "studies" / "digits.yaml"
 

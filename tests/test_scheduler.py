@@ -16,8 +16,8 @@ import optuna
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from dlsearch.scheduler import OptunaPruningScheduler
-from dlsearch.search import _pruner_from
+from dlsearch.backend.scheduler import OptunaPruningScheduler
+from dlsearch.search.build import pruner_from
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -50,7 +50,7 @@ PRUNERS = [
 def optuna_decisions(kind: str, kwargs: dict, curves: list[list[float]]) -> list[int | None]:
     """The epoch each curve is pruned at (None: never) under Optuna's own optimize loop."""
     study = optuna.create_study(study_name="equivalence", direction="maximize",
-                                pruner=_pruner_from(kind, dict(kwargs)))
+                                pruner=pruner_from(kind, dict(kwargs)))
     pruned_at: list[int | None] = []
 
     def objective(trial: optuna.Trial) -> float:
@@ -75,7 +75,7 @@ class _TuneTrial:
 def scheduler_decisions(kind: str, kwargs: dict, curves: list[list[float]]) -> list[int | None]:
     """The same curves through OptunaPruningScheduler, as the dlsearch driver feeds it."""
     study = optuna.create_study(study_name="equivalence", direction="maximize",
-                                pruner=_pruner_from(kind, dict(kwargs)))
+                                pruner=pruner_from(kind, dict(kwargs)))
     live: dict[str, optuna.Trial] = {}
     scheduler = OptunaPruningScheduler("val_accuracy", live.get, final_key="dlsearch_final")
     pruned_at: list[int | None] = []

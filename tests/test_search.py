@@ -14,9 +14,9 @@ from typing import Any
 import optuna
 import pytest
 
-from dlsearch.config import TrialConfig, trial_config, trial_seed
-from dlsearch.search import directions, grid_space, make_pruner, make_sampler, suggest
-from dlsearch.spec import CategoricalDim, FloatDim, IntDim, StudySpec, load_spec, spec_from_dict
+from dlsearch.config.trial_config import TrialConfig, trial_config, trial_seed
+from dlsearch.search.space import directions, grid_space, make_pruner, make_sampler, suggest
+from dlsearch.config.spec import CategoricalDim, FloatDim, IntDim, StudySpec, load_spec, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO / "studies" / "mnist.yaml"

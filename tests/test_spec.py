@@ -15,8 +15,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from dlsearch.cli import main
-from dlsearch.spec import FloatDim, SpecError, StudySpec, load_spec, parse_yaml, spec_from_dict
+from dlsearch.cli.commands import main
+from dlsearch.config.spec import FloatDim, SpecError, StudySpec, load_spec, parse_yaml, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "studies").glob("*.yaml"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dlsearch.cli import main
+from dlsearch.cli.commands import main
 
 REPO = Path(__file__).resolve().parents[1]
 # The bring-your-own-code studies run end to end in test_custom.py (custom_cnn.yaml's loader is slow).

@@ -19,12 +19,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dlsearch.cli import main
-from dlsearch.config import TrialConfig, trial_config
-from dlsearch.data import DataBundle, load_data
-from dlsearch.models import build_model
-from dlsearch.spec import REPORTED_METRICS, TrainSpec, spec_from_dict
-from dlsearch.train import TrialPruned, evaluate, lr_factor, make_scheduler, train_trial
+from dlsearch.cli.commands import main
+from dlsearch.config.trial_config import TrialConfig, trial_config
+from dlsearch.trial.data import DataBundle, load_data
+from dlsearch.trial.models import build_model
+from dlsearch.config.spec import REPORTED_METRICS, TrainSpec, spec_from_dict
+from dlsearch.trial.train import TrialPruned, evaluate, lr_factor, make_scheduler, train_trial
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_STUDY = REPO / "studies" / "digits.yaml"

@@ -16,14 +16,14 @@ import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from dlsearch.cli import main
-from dlsearch.config import TrialConfig, trial_config
-from dlsearch.data import load_data
-from dlsearch.models import build_model
-from dlsearch.spec import ModelSpec, SpecError, load_spec
-from dlsearch.tracker import fetch_checkpoint, with_local_source, with_source_architecture
-from dlsearch.train import prepare_model, train_trial
-from dlsearch.transfer import SourceError, freeze, load_weights, read_state, set_train_mode
+from dlsearch.cli.commands import main
+from dlsearch.config.trial_config import TrialConfig, trial_config
+from dlsearch.trial.data import load_data
+from dlsearch.trial.models import build_model
+from dlsearch.config.spec import ModelSpec, SpecError, load_spec
+from dlsearch.tracking.tracker import fetch_checkpoint, with_local_source, with_source_architecture
+from dlsearch.trial.train import prepare_model, train_trial
+from dlsearch.trial.transfer import SourceError, freeze, load_weights, read_state, set_train_mode
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

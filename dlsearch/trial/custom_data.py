@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
-from dlsearch.data import DataBundle, DataError, DatasetBundle
-from dlsearch.entrypoints import EntryPointError, resolve
-from dlsearch.spec import DataSpec
+from dlsearch.trial.bundles import DataBundle, DataError, DatasetBundle
+from dlsearch.config.entrypoints import EntryPointError, resolve
+from dlsearch.config.spec import DataSpec
 
 SPLITS = ("train", "val", "test")
 _KEY = "data.factory"

@@ -2,9 +2,9 @@
 
 Three plug points (SPEC, "Bring your own code"), each called with positional arguments:
 
-- `data.factory(data_section: dict, seed: int)` -> train / val / test splits (see `dlsearch.data`);
+- `data.factory(data_section: dict, seed: int)` -> train / val / test splits (see `dlsearch.trial.data`);
 - `model.factory(model_section: dict, input_shape: tuple[int, ...], n_classes: int)` -> `nn.Module`;
-- `trainable(config: dict, report)` -> final metrics or None (see `dlsearch.custom_trainable`).
+- `trainable(config: dict, report)` -> final metrics or None (see `dlsearch.trial.custom_trainable`).
 
 `resolve(ref, key, base_dir)` imports the module and returns the callable. The module is looked
 for in the study file's folder (`base_dir`), then the working directory, then the installed
@@ -27,6 +27,7 @@ import sys
 import sysconfig
 from pathlib import Path
 from typing import Any, Callable, Iterable
+from dlsearch.errors import InputError
 
 # key -> the positional parameters the entry point is called with (named for error messages).
 PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -37,7 +38,7 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
 _REF = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
 
 
-class EntryPointError(Exception):
+class EntryPointError(InputError):
     """An entry point that cannot be used; the message is one line `key: what is wrong`."""
 
     def __init__(self, key: str, message: str):

@@ -22,22 +22,24 @@ from typing import Any, Callable, Iterator, Mapping
 import optuna
 from optuna.trial import TrialState
 
-from dlsearch.cluster import check_nodes, excluding, for_workers, runtime_env, usable_resources, worker_env
-from dlsearch.config import TrialConfig, trial_config
-from dlsearch.entrypoints import search_paths
-from dlsearch.preflight import ServiceUnreachable, check_ray_address, check_stores, study_lock
-from dlsearch.search import directions, make_pruner, make_sampler, suggest
-from dlsearch.spec import StudySpec
-from dlsearch.tracker import MlflowTracker, fetch_checkpoint, tracking_uri, with_source_architecture
+from dlsearch.backend.cluster import check_nodes, excluding, for_workers, runtime_env, usable_resources, worker_env
+from dlsearch.config.trial_config import TrialConfig, trial_config
+from dlsearch.config.entrypoints import search_paths
+from dlsearch.tuner.preflight import ServiceUnreachable, check_ray_address, check_stores, study_lock
+from dlsearch.search.space import directions, make_pruner, make_sampler, suggest
+from dlsearch.config.spec import StudySpec
+from dlsearch.search.storage import open_storage, study_versions
+from dlsearch.tracking.tracker import MlflowTracker, fetch_checkpoint, with_source_architecture
+from dlsearch.errors import InterruptedRun, RunError
 
 INTERRUPTED = "interrupted"  # fail_reason of trials a killed or stopped driver left running
 
 
-class Interrupted(Exception):
+class Interrupted(InterruptedRun):
     """The run was stopped by SIGINT/SIGTERM after its state was saved (exit 130)."""
 
 
-class StudyStopped(Exception):
+class StudyStopped(RunError):
     """The study stopped on a failure that repeats (`resources.stop_after_identical_failures`):
     a configuration error, not a bad trial (exit 1). Its finished trials are saved."""
 
@@ -77,25 +79,6 @@ class StudySummary:
     epochs_run: int
 
 
-def study_versions(spec: StudySpec, storage: optuna.storages.BaseStorage) -> list[str]:
-    """The Optuna study names of every version of this study, oldest first."""
-    names = set(optuna.get_all_study_names(storage))
-    versions = [spec.name] if spec.name in names else []
-    n = 2
-    while f"{spec.name}-v{n}" in names:
-        versions.append(f"{spec.name}-v{n}")
-        n += 1
-    return versions
-
-
-def open_storage(spec: StudySpec) -> optuna.storages.BaseStorage:
-    url = tracking_uri(spec.tracking.optuna_storage)
-    if url.startswith("sqlite:"):
-        # Wait for a busy database instead of failing with "database is locked".
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
-
-
 def run_study(
     spec: StudySpec,
     *,
@@ -115,7 +98,7 @@ def run_study(
     check_stores(spec)  # before anything is created: a bad store leaves no trace
     check_ray_address(address)
     if spec.data.dataset != "custom":
-        from dlsearch.data import load_data
+        from dlsearch.trial.data import load_data
 
         load_data(spec.data, spec.seed)  # missing or corrupt data fails here (DataError), not in every trial
     for ref in _init_sources(spec):  # a missing source fails here (SourceError, exit 2), not in every trial
@@ -168,7 +151,7 @@ def _run_locked(spec: StudySpec, started: float, trials: int | None, avoid: list
                            "rerun the same command to continue (resources.stop_after_identical_failures: 0 "
                            "never stops)")
     if not interrupted:
-        from dlsearch.leaderboard import write_study_artifacts
+        from dlsearch.report.leaderboard import write_study_artifacts
 
         with _tempdir() as out:
             write_study_artifacts(spec, study, out)
@@ -236,8 +219,8 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[s
     import ray
     from ray import tune
 
-    from dlsearch.scheduler import OptunaPruningScheduler
-    from dlsearch.trainable import FINAL, run_trial
+    from dlsearch.backend.scheduler import OptunaPruningScheduler
+    from dlsearch.backend.worker import FINAL, run_trial
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -249,7 +232,7 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[s
         )
         driver.scheduler = scheduler
         if spec.resources.population > 1:
-            from dlsearch.trainable import PruneBoard
+            from dlsearch.backend.worker import PruneBoard
 
             driver.board_name = f"dlsearch-prune-board-{os.getpid()}-{time.time_ns()}"
             driver.board = ray.remote(num_cpus=0)(PruneBoard).options(name=driver.board_name).remote()
@@ -528,7 +511,7 @@ class _Driver:
         (another optimizer family, a cnn, ...) wait in `pending` for Tune trials of their own.
         Trials queued to run again (interrupted) are asked as they are.
         """
-        from dlsearch.population import VARYING, group_stackable
+        from dlsearch.trial.population import VARYING, group_stackable
 
         if not self.pending:
             first = self._ask_one()
@@ -544,7 +527,7 @@ class _Driver:
         for r in group:
             r.population = [m.number for m in group]
             r.optuna_trial.set_user_attr("population", r.population)
-        from dlsearch.trainable import MEMBERS_KEY
+        from dlsearch.backend.worker import MEMBERS_KEY
 
         return {MEMBERS_KEY: [{"number": r.number, "params": dict(r.cfg.params)} for r in group],
                 "population": tune_trial_id, "board": self.board_name,
@@ -557,7 +540,7 @@ class _Driver:
         record = self.records.get(tune_trial_id)
         if record is None:
             return
-        from dlsearch.trainable import FINAL, METRICS_KEY
+        from dlsearch.backend.worker import FINAL, METRICS_KEY
 
         # Tune adds hostname and node_ip to every result; the trial adds the Ray node id.
         record.node.update({k: str(result[k]) for k in _NODE_KEYS if result.get(k)})
@@ -581,7 +564,7 @@ class _Driver:
         the board (always: the population's worker waits for it)."""
         import json
 
-        from dlsearch.trainable import FINAL, MEMBERS_KEY
+        from dlsearch.backend.worker import FINAL, MEMBERS_KEY
 
         members = self.populations[tune_trial_id]
         rows = json.loads(result.get(MEMBERS_KEY) or "[]")
@@ -619,7 +602,7 @@ class _Driver:
 
     def on_complete(self, tune_trial_id: str, checkpoint_dir: str | None) -> None:
         if tune_trial_id in self.populations:
-            from dlsearch.trainable import MEMBERS_DIR
+            from dlsearch.backend.worker import MEMBERS_DIR
 
             for record in self.populations.pop(tune_trial_id).values():
                 folder = str(Path(checkpoint_dir) / MEMBERS_DIR / str(record.number)) if checkpoint_dir else None
@@ -699,9 +682,9 @@ class _Driver:
             return
         import torch
 
-        from dlsearch.data import first_samples, load_data
-        from dlsearch.models import build_model
-        from dlsearch.practice import n_outputs
+        from dlsearch.trial.data import first_samples, load_data
+        from dlsearch.trial.models import build_model
+        from dlsearch.trial.practice import n_outputs
 
         cfg = trial_config(self.spec, best.params, best.number)
         data = load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)
@@ -719,7 +702,7 @@ class _Driver:
                 trial.set_user_attr(key, final[key])
         if reason:
             trial.set_user_attr("fail_reason", reason)
-        from dlsearch.trainable import ARTIFACTS_DIR, BEST_FILE, LAST_FILE, MODEL_DIR
+        from dlsearch.backend.worker import ARTIFACTS_DIR, BEST_FILE, LAST_FILE, MODEL_DIR
 
         model_dir = Path(checkpoint_dir) / MODEL_DIR if checkpoint_dir else None
         if state != TrialState.COMPLETE or model_dir is None or not model_dir.is_dir():

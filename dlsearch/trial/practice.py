@@ -1,7 +1,7 @@
 """Deep-learning practice a trial's steps use: the loss and predictions (softmax, or one logit for
 two classes), image augmentation on the device, and the overfit diagnostic.
 
-Pure torch, like the loop that calls it (`dlsearch.train`).
+Pure torch, like the loop that calls it (`dlsearch.trial.train`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from dlsearch.config import TrialConfig
-from dlsearch.spec import AugmentSpec
+from dlsearch.config.trial_config import TrialConfig
+from dlsearch.config.spec import AugmentSpec
 
 
 def is_binary(cfg: TrialConfig, n_classes: int) -> bool:

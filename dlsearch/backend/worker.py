@@ -29,12 +29,12 @@ import ray
 import torch
 from ray import tune
 
-from dlsearch.config import trial_config
-from dlsearch.custom_trainable import run_custom_trainable
-from dlsearch.data import load_data
-from dlsearch.entrypoints import add_search_paths
-from dlsearch.spec import StudySpec
-from dlsearch.train import train_trial
+from dlsearch.config.trial_config import trial_config
+from dlsearch.trial.custom_trainable import run_custom_trainable
+from dlsearch.trial.data import load_data
+from dlsearch.config.entrypoints import add_search_paths
+from dlsearch.config.spec import StudySpec
+from dlsearch.trial.train import train_trial
 
 FINAL = "dlsearch_final"  # marks the last report of a trial: not an epoch, never pruned on
 METRICS_KEY = "dlsearch_metrics"  # an epoch's metric names, comma-separated: what the driver logs
@@ -68,7 +68,7 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
         resume = reporter.restore()
         try:
             if cfg.model.init_from is not None:
-                from dlsearch.tracker import with_local_source  # MLflow, imported only by transfer studies
+                from dlsearch.tracking.tracker import with_local_source  # MLflow, imported only by transfer studies
 
                 cfg = with_local_source(cfg, spec.tracking.uri)
             if cfg.trainable:
@@ -98,7 +98,7 @@ def _run_population(config: Mapping[str, Any], spec: StudySpec) -> None:
     `members/<number>/model/best.pt` of each completed member. A population does not checkpoint
     between epochs: a restarted worker trains it from the start (the driver skips epochs it has).
     """
-    from dlsearch.population import train_population
+    from dlsearch.trial.population import train_population
 
     cfgs = [trial_config(spec, m["params"], int(m["number"])) for m in config[MEMBERS_KEY]]
     node = {"node_id": ray.get_runtime_context().get_node_id()}

@@ -17,12 +17,12 @@ is row k), so a step is a few large matrix products instead of K small ones and 
 - gradients are clipped by the global norm of EACH member's gradients, as
   `torch.nn.utils.clip_grad_norm_` does for one model (`clip_grad_norm_per_member_`).
 
-Per member, as `dlsearch.train.train_trial` does per trial: one curve of the same metrics
+Per member, as `dlsearch.trial.train.train_trial` does per trial: one curve of the same metrics
 (`report(member, epoch, metrics)` once per epoch), early stopping on its own objective with its
 best weights kept, a loss that turns NaN or inf fails that member only, and its best weights are
 evaluated on the test split. Results are `TrialResult`s, in the order of `cfgs`.
 
-Stopping a member (pruning): `report` returns False, or raises `dlsearch.train.TrialPruned`;
+Stopping a member (pruning): `report` returns False, or raises `dlsearch.trial.train.TrialPruned`;
 the member ends PRUNED after that epoch (its best weights kept, no test evaluation, like a
 pruned trial). Members that stop for any reason are dropped from the stacked tensors at the
 epoch's end, so they cost nothing afterwards; the others' curves do not depend on them (up to
@@ -61,11 +61,11 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from dlsearch.config import TrialConfig
-from dlsearch.data import DataBundle, DatasetBundle
-from dlsearch.models import LEAKY_RELU_SLOPE, build_model
-from dlsearch.practice import find_overfit_epoch, is_binary, loss_fn, make_augment, n_outputs, predict
-from dlsearch.train import TrialPruned, TrialResult, make_optimizer, make_scheduler, resolve_device
+from dlsearch.config.trial_config import TrialConfig
+from dlsearch.trial.data import DataBundle, DatasetBundle
+from dlsearch.trial.models import LEAKY_RELU_SLOPE, build_model
+from dlsearch.trial.practice import find_overfit_epoch, is_binary, loss_fn, make_augment, n_outputs, predict
+from dlsearch.trial.train import TrialPruned, TrialResult, make_optimizer, make_scheduler, resolve_device
 
 # The keys members may differ in; every other key of `TrialConfig.flat()` must be equal.
 VARYING = ("seed", "train.lr", "train.weight_decay", "train.momentum", "train.optimizer", "model.dropout",
@@ -300,7 +300,7 @@ class _Member:
 
 
 class _StackedMLP:
-    """K copies of `dlsearch.models._mlp` in stacked tensors, keyed by the module's state_dict names.
+    """K copies of `dlsearch.trial.models._mlp` in stacked tensors, keyed by the module's state_dict names.
 
     `hidden.{i}.linear.weight` is `(K, out, in)` (nn.Linear's layout, so row k is member k's
     weight as it is); norm parameters and BatchNorm statistics are `(K, width)`.

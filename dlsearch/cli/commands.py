@@ -16,15 +16,12 @@ import click
 from rich.console import Console
 
 from dlsearch import __version__
-
-EXIT_INPUT = 2
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
+from dlsearch.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, DlsearchError, RunError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-class RunFailed(Exception):
+class RunFailed(RunError):
     """The run could not go on (exit 1): every trial failed, or a service is unreachable."""
 
 
@@ -41,36 +38,18 @@ def _debug_option(f: Callable) -> Callable:
 
 
 def _handles_errors(f: Callable) -> Callable:
-    """Turn known failures into one line each and SPEC's exit codes; tracebacks only with --debug."""
+    """Turn dlsearch's errors into one line each and their exit codes (SPEC); tracebacks only with --debug."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
-        from dlsearch.data import DataError
-        from dlsearch.preflight import ServiceUnreachable, StudyBusy
-        from dlsearch.spec import SpecError
-        from dlsearch.transfer import SourceError
-
         try:
             return f(*args, **kwargs)
-        except SpecError as err:
+        except DlsearchError as err:
             if debug:
                 raise
-            for line in err.problems:
+            for line in err.lines():
                 err_console.print(line, markup=False)
-            sys.exit(EXIT_INPUT)
-        except (SourceError, DataError) as err:
-            if debug:
-                raise
-            # Their messages name the key when they know it; else the section they come from.
-            section, key = ("model.", "model.init_from") if isinstance(err, SourceError) else ("data.", "data")
-            text = str(err)
-            err_console.print(text if text.startswith(section) else f"{key}: {text}", markup=False)
-            sys.exit(EXIT_INPUT)
-        except (RunFailed, ServiceUnreachable, StudyBusy) as err:
-            if debug:
-                raise
-            err_console.print(str(err), markup=False)
-            sys.exit(EXIT_FAILED)
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             err_console.print("interrupted", markup=False)
             sys.exit(EXIT_INTERRUPTED)
@@ -96,8 +75,8 @@ def main() -> None:
 @_handles_errors
 def validate(study: str, overrides: tuple[str, ...]) -> None:
     """Check STUDY and print every problem at once (one line each, exit 2), or `ok` and a summary."""
-    from dlsearch.data import check_data_available
-    from dlsearch.spec import SpecError, load_spec
+    from dlsearch.trial.data import check_data_available
+    from dlsearch.config.spec import SpecError, load_spec
 
     spec = load_spec(study, overrides)
     problems = check_data_available(spec.data)
@@ -108,11 +87,11 @@ def validate(study: str, overrides: tuple[str, ...]) -> None:
 
 def _trial_zero(spec: Any, console: Console) -> Any:
     """The config of a single in-process trial with the study's fixed values, its `init_from` fetched."""
-    from dlsearch.config import trial_config
+    from dlsearch.config.trial_config import trial_config
 
     if spec.model.init_from is None:
         return trial_config(spec, {}, number=0)
-    from dlsearch.tracker import with_local_source, with_source_architecture  # MLflow: only when needed
+    from dlsearch.tracking.tracker import with_local_source, with_source_architecture  # MLflow: only when needed
 
     spec, changed = with_source_architecture(spec)
     if changed:
@@ -135,10 +114,10 @@ def train(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
     state, epochs_run, best_epoch, best_metrics, test_accuracy, test_loss and
     the median epoch_time_s.
     """
-    from dlsearch.data import load_data
-    from dlsearch.spec import load_spec
-    from dlsearch.train import train_trial
-    from dlsearch.ui import EpochTable
+    from dlsearch.trial.data import load_data
+    from dlsearch.config.spec import load_spec
+    from dlsearch.trial.train import train_trial
+    from dlsearch.cli.progress import EpochTable
 
     spec = load_spec(study, overrides)
     console = err_console if as_json else Console(highlight=False, soft_wrap=True)
@@ -146,7 +125,7 @@ def train(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
     data = None if cfg.trainable else load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)
     with EpochTable(console, title=f"{spec.name}: one trial, {cfg.train.epochs} epochs max") as table:
         if data is None:
-            from dlsearch.custom_trainable import run_custom_trainable
+            from dlsearch.trial.custom_trainable import run_custom_trainable
 
             result = run_custom_trainable(
                 cfg, table.add, on_artifact=lambda path: err_console.print(f"artifact (not kept by train): {path}",
@@ -176,10 +155,10 @@ def sanity(study: str, overrides: tuple[str, ...], samples: int, steps: int) -> 
     subset with regularization off, and a finite loss. Prints each check with
     the number behind it and the loss curve; exit 1 if any check fails.
     """
-    from dlsearch.data import load_data
-    from dlsearch.sanity import run_sanity
-    from dlsearch.spec import SpecError, load_spec
-    from dlsearch.ui import sparkline
+    from dlsearch.trial.data import load_data
+    from dlsearch.trial.sanity import run_sanity
+    from dlsearch.config.spec import SpecError, load_spec
+    from dlsearch.cli.progress import sparkline
 
     spec = load_spec(study, overrides)
     if spec.trainable is not None:
@@ -254,10 +233,10 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
     resources.stop_after_identical_failures trials in a row failed with the same
     reason, 2 for bad input, 130 when stopped by Ctrl-C or SIGTERM after saving state.
     """
-    from dlsearch.data import check_data_available
-    from dlsearch.runner import Interrupted, StudyStopped, run_study
-    from dlsearch.spec import SpecError, load_spec
-    from dlsearch.ui import StudyProgress
+    from dlsearch.trial.data import check_data_available
+    from dlsearch.tuner.runner import Interrupted, run_study
+    from dlsearch.config.spec import SpecError, load_spec
+    from dlsearch.cli.progress import StudyProgress
 
     spec = load_spec(study, overrides)
     problems = check_data_available(spec.data)
@@ -271,8 +250,6 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
     except Interrupted as err:
         err_console.print(f"{err}; rerun the same command to continue", markup=False)
         sys.exit(EXIT_INTERRUPTED)
-    except StudyStopped as err:
-        raise RunFailed(str(err)) from None
     n = summary.n_complete + summary.n_pruned + summary.n_failed
     console.print(
         f"\n{summary.name}: {n} trials finished ({summary.n_complete} complete, {summary.n_pruned} pruned, "
@@ -303,8 +280,8 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
 def report(study: str, overrides: tuple[str, ...], top: int | None, fmt: str, as_json: bool) -> None:
     """Leaderboard of STUDY's trials (state, value, epochs run, params), parameter importances,
     and where the study's plots are."""
-    from dlsearch.leaderboard import importances, leaderboard, load_study
-    from dlsearch.spec import load_spec
+    from dlsearch.report.leaderboard import importances, leaderboard, load_study
+    from dlsearch.config.spec import load_spec
 
     spec, optuna_study = _study_as_run(study, overrides, load_spec, load_study)
     table = leaderboard(optuna_study)
@@ -343,8 +320,8 @@ def best(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """The best trial's full configuration, as YAML that a study file or --set can take."""
     import yaml
 
-    from dlsearch.leaderboard import best_config, load_study
-    from dlsearch.spec import load_spec
+    from dlsearch.report.leaderboard import best_config, load_study
+    from dlsearch.config.spec import load_spec
 
     spec, optuna_study = _study_as_run(study, overrides, load_spec, load_study)
     try:
@@ -372,8 +349,8 @@ def best(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @_handles_errors
 def ui(study: str | None, port: int, host: str, uri: str | None) -> None:
     """Start the MLflow UI on STUDY's tracking store: parent run per study, child run per trial."""
-    from dlsearch.spec import TrackingSpec, load_spec
-    from dlsearch.tracker import tracking_uri
+    from dlsearch.config.spec import TrackingSpec, load_spec
+    from dlsearch.config.stores import tracking_uri
 
     tracking = load_spec(study).tracking if study else TrackingSpec()
     backend = tracking_uri(uri or tracking.uri)
@@ -402,8 +379,8 @@ def _plot_paths(spec: Any, optuna_study: Any) -> list[str]:
     """Local paths of the plots logged on the study's parent run."""
     from pathlib import Path
 
-    from dlsearch.leaderboard import PLOTS
-    from dlsearch.tracker import MlflowTracker
+    from dlsearch.report.leaderboard import PLOTS
+    from dlsearch.tracking.tracker import MlflowTracker
 
     tracker = MlflowTracker(spec, optuna_study.study_name)
     run = tracker.find_parent()

@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from dlsearch.config import TrialConfig
-from dlsearch.entrypoints import resolve
-from dlsearch.train import Report, TrialPruned, TrialResult
+from dlsearch.config.trial_config import TrialConfig
+from dlsearch.config.entrypoints import resolve
+from dlsearch.trial.train import Report, TrialPruned, TrialResult
 
 CUSTOM_KEY = "custom"  # marks a resume state written by this harness (the user's object is under it)
 # Keys Ray Tune or dlsearch put into each result: a metric of that name would be overwritten.

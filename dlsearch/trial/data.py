@@ -3,7 +3,7 @@
 Contract: `load_data(spec, seed, device)` returns a `DataBundle` of float32 features
 and int64 labels split into train / validation / test and normalized with training
 statistics only; for `dataset: custom` it returns what the user's factory gave (see
-`dlsearch.custom_data`): a `DataBundle`, or a `DatasetBundle` of torch Datasets read in
+`dlsearch.trial.custom_data`): a `DataBundle`, or a `DatasetBundle` of torch Datasets read in
 batches. Anything wrong with the data raises `DataError`, whose message is
 shown to the user as-is. `check_data_available` answers the same questions for
 `dlsearch validate` without downloading or writing anything.
@@ -14,7 +14,6 @@ synthetic) and pandas (csv) are imported when those datasets are asked for.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gzip
 import hashlib
@@ -30,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dlsearch.spec import DataSpec
+from dlsearch.config.spec import DataSpec
+from dlsearch.trial.bundles import DataBundle, DataError, DatasetBundle
+from dlsearch.trial.custom_data import load_custom
 
 IDX_DATASETS = ("mnist", "fashion_mnist")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -52,57 +53,7 @@ _IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801  # IDX: unsigned bytes, 3 
 _TEST_SPLIT_SEED = 0
 _SYNTHETIC_SEED = 0
 _MIN_STD = 1e-6
-_TENSOR_FIELDS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 _log = logging.getLogger(__name__)
-
-
-class DataError(Exception):
-    """The data cannot be found, downloaded or read; the message says what and how to fix it."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class DataBundle:
-    """Train / validation / test splits of one dataset, all on one device.
-
-    Features are float32 with shape (N, *input_shape); labels are int64 in [0, n_classes).
-    Shared between trials through `load_data`'s cache: never modify the tensors in place.
-    """
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    input_shape: tuple[int, ...]  # per sample: (1, 28, 28) for MNIST, (n_features,) for tabular data
-    n_classes: int
-
-    def to(self, device: torch.device | str) -> DataBundle:
-        """The bundle with every tensor on `device`; `self` when they already are there."""
-        moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
-        if all(moved[name] is getattr(self, name) for name in _TENSOR_FIELDS):
-            return self  # Tensor.to returns the tensor itself when nothing changes
-        return dataclasses.replace(self, **moved)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class DatasetBundle:
-    """Train / validation / test splits as map-style torch Datasets of `(x, y)` samples.
-
-    For data too large for memory: the training loop reads it in `DataLoader` batches
-    (`data.n_workers` loader processes, pinned memory on CUDA) instead of keeping whole
-    splits on the device. `x` is one sample of shape `input_shape`; `y` its class index.
-    """
-
-    train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset
-    test: torch.utils.data.Dataset
-    input_shape: tuple[int, ...]
-    n_classes: int
-
-    def to(self, device: torch.device | str) -> DatasetBundle:
-        """`self`: batches move to the device as they are read."""
-        return self
 
 
 def load_data(
@@ -188,8 +139,6 @@ def _load_cached(
 ) -> DataBundle | DatasetBundle:
     del resolved  # part of the cache key only
     if spec.dataset == "custom":
-        from dlsearch.custom_data import load_custom
-
         return load_custom(spec, seed, base_dir).to(device)
     return _build(spec, seed).to(device)
 

@@ -16,8 +16,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from dlsearch.config import trial_config
-from dlsearch.spec import StudySpec
+from dlsearch.config.trial_config import trial_config
+from dlsearch.config.spec import StudySpec
 
 PLOTS = ("optimization_history.png", "param_importances.png", "learning_curves.png", "parallel_coordinates.png")
 _STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4}
@@ -25,7 +25,7 @@ _STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 
 
 def load_study(spec: StudySpec) -> optuna.Study:
     """The newest version of the study in its Optuna storage; SpecError-free KeyError if absent."""
-    from dlsearch.runner import open_storage, study_versions
+    from dlsearch.search.storage import open_storage, study_versions
 
     storage = open_storage(spec)
     versions = study_versions(spec, storage)

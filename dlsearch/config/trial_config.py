@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 from pydantic import BaseModel
 
-from dlsearch.spec import DataSpec, ModelSpec, ObjectiveSpec, StudySpec, TrainSpec
+from dlsearch.config.spec import DataSpec, ModelSpec, ObjectiveSpec, StudySpec, TrainSpec
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dlsearch.config import TrialConfig
-from dlsearch.data import DataBundle, DatasetBundle, first_samples
-from dlsearch.practice import is_binary, loss_fn, predict
-from dlsearch.train import make_optimizer, prepare_model, resolve_device
-from dlsearch.transfer import HEAD, freeze
+from dlsearch.config.trial_config import TrialConfig
+from dlsearch.trial.data import DataBundle, DatasetBundle, first_samples
+from dlsearch.trial.practice import is_binary, loss_fn, predict
+from dlsearch.trial.train import make_optimizer, prepare_model, resolve_device
+from dlsearch.trial.transfer import HEAD, freeze
 
 
 @dataclass

@@ -22,8 +22,9 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from dlsearch.config import TrialConfig
-from dlsearch.spec import StudySpec
+from dlsearch.config.trial_config import TrialConfig
+from dlsearch.config.spec import StudySpec
+from dlsearch.config.stores import is_server, tracking_uri
 
 # Trial state -> MLflow run status. PRUNED is a normal end (Optuna counts it finished too).
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
@@ -163,7 +164,7 @@ class MlflowTracker:
         checkpoint, then (unless `terminate` is False: call `terminate` later) its status.
 
         `node` is where the trial ran, as its reports said: `node_id` (the Ray node), `node_ip`, `hostname`;
-        `population` the trial numbers it trained with as one stacked model (tag `dlsearch.population`).
+        `population` the trial numbers it trained with as one stacked model (tag `dlsearch.trial.population`).
         """
         final = final or {}
         epochs_run = int(final.get("epochs_run") or 0)
@@ -232,7 +233,7 @@ def with_source_architecture(spec: StudySpec) -> tuple[StudySpec, dict[str, Any]
     read from the source run's params. A checkpoint file carries no config: the study's model
     section must describe it. Raises SourceError when the source is not there.
     """
-    from dlsearch.transfer import MODEL_URI, RUN_ID
+    from dlsearch.config.sources import MODEL_URI, RUN_ID
 
     ref = spec.model.init_from
     if ref is None or not (RUN_ID.match(ref) or MODEL_URI.match(ref)):
@@ -257,7 +258,7 @@ def with_local_source(cfg: TrialConfig, uri: str) -> TrialConfig:
 def fetch_checkpoint(ref: str, uri: str, base_dir: str | None = None) -> Path:
     """The local file of a `model.init_from` reference: a file as is, a run's or registered model's
     `checkpoint/best.pt` downloaded from MLflow (once per process). Raises SourceError."""
-    from dlsearch.transfer import MODEL_URI, RUN_ID, SourceError, find_file, source_problem
+    from dlsearch.config.sources import MODEL_URI, RUN_ID, SourceError, find_file, source_problem
 
     if RUN_ID.match(ref) or MODEL_URI.match(ref):
         return _download_checkpoint(ref, uri)
@@ -272,7 +273,7 @@ def _download_checkpoint(ref: str, uri: str) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from dlsearch.transfer import SourceError
+    from dlsearch.config.sources import SourceError
 
     client, run_id, what = _source_run(ref, uri)
     try:
@@ -289,7 +290,7 @@ def _source_run(ref: str, uri: str) -> tuple[MlflowClient, str, str]:
     """(client, run id, how to name it) for a run id or a `models:/` reference. Raises SourceError."""
     from mlflow.exceptions import MlflowException
 
-    from dlsearch.transfer import MODEL_URI, SourceError
+    from dlsearch.config.sources import MODEL_URI, SourceError
 
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):]).expanduser().resolve()
@@ -310,20 +311,6 @@ def _source_run(ref: str, uri: str) -> tuple[MlflowClient, str, str]:
                 else "copy the id from the MLflow UI")
         raise SourceError(f"no {'registered model' if match else 'run'} {ref} in {uri} ({hint})") from None
     return client, found.run_id, f"{ref} (run {found.run_id})"
-
-
-def tracking_uri(uri: str) -> str:
-    """The tracking URI with a relative SQLite or file path made absolute (against the cwd)."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri[len("sqlite:///"):]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
-    return uri
-
-
-def is_server(uri: str) -> bool:
-    """A tracking server (rather than a database or folder the driver opens itself)."""
-    return uri.startswith(("http://", "https://"))
 
 
 def _param_value(value: Any) -> str:

@@ -3,49 +3,19 @@
 Contract: `load_weights(model, path)` copies a checkpoint's tensors into `model`
 by parameter name and draws the head anew when its shape differs (another
 number of classes); `freeze(model, what)` turns off gradients for the named
-layers or the whole backbone. `source_problem` checks the form of a
-`model.init_from` reference without torch or a store (for `dlsearch validate`).
-
-References: a checkpoint file (`best.pt`, the best weights a trial kept, or a
-resume checkpoint), an MLflow run id (that run's `checkpoint/best.pt`), or a
-registered model `models:/<name>@<alias>` / `models:/<name>/<version>` (the
-checkpoint of the run that logged it). Fetching from MLflow lives in
-`dlsearch.tracker.fetch_checkpoint`; this module imports only torch.
+layers or the whole backbone. What a `model.init_from` reference may be is
+`dlsearch.config.sources`; fetching one from MLflow is
+`dlsearch.tracking.tracker.fetch_checkpoint`; this module imports only torch.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from dlsearch.config.sources import SourceError
+
 HEAD = "head"  # every built-in model names its classifier `head`; the rest is the backbone
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
-
-
-class SourceError(Exception):
-    """The `model.init_from` source cannot be found or does not fit the model; the message says why."""
-
-
-def source_problem(ref: str, base_dir: str | Path | None = None) -> str | None:
-    """What is wrong with the form of `ref`, or None. Files must exist; MLflow references are checked later."""
-    if RUN_ID.match(ref) or MODEL_URI.match(ref):
-        return None
-    if ref.startswith("models:/"):
-        return f"a registered model is models:/<name>@<alias> or models:/<name>/<version> (got {ref!r})"
-    if find_file(ref, base_dir) is None:
-        return (f"no checkpoint file {ref!r} (looked in {_places(ref, base_dir)}); give a file, an MLflow run id "
-                "or models:/<name>@<alias>")
-    return None
-
-
-def find_file(ref: str, base_dir: str | Path | None = None) -> Path | None:
-    """The checkpoint file `ref` names: absolute, or relative to the study's folder, then the working directory."""
-    for candidate in _candidates(ref, base_dir):
-        if candidate.is_file():
-            return candidate.resolve()
-    return None
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
@@ -129,12 +99,3 @@ def set_train_mode(model: Any) -> None:
             module.eval()
 
 
-def _candidates(ref: str, base_dir: str | Path | None) -> list[Path]:
-    path = Path(ref).expanduser()
-    if path.is_absolute():
-        return [path]
-    return ([Path(base_dir) / path] if base_dir else []) + [Path.cwd() / path]
-
-
-def _places(ref: str, base_dir: str | Path | None) -> str:
-    return ", ".join(str(p.parent) for p in _candidates(ref, base_dir))

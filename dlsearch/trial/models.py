@@ -6,7 +6,7 @@ outputs (logits; `n_classes=1` gives the single logit of a binary task), with
 its weights initialised by `init_weights`. `input_shape` is per sample:
 `(1, 28, 28)` for MNIST, `(1, 8, 8)` for sklearn digits, `(20,)` for tabular
 features. Kinds: `mlp` and `cnn` (here), `lstm`, `gru` and `transformer`
-(`dlsearch.sequence_models`). Every built-in model ends in an `nn.Linear` child
+(`dlsearch.trial.sequence_models`). Every built-in model ends in an `nn.Linear` child
 named `head`, its last weighted layer: transfer learning freezes the rest (the
 backbone) and replaces the head when the number of classes differs.
 `kind: custom` calls the user's `model.factory(model_section, input_shape,
@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from dlsearch.sequence_models import TokenEmbedding, recurrent, transformer
+from dlsearch.trial.sequence_models import TokenEmbedding, recurrent, transformer
 
 if TYPE_CHECKING:  # the spec module pulls in pydantic and yaml; models need only its fields
-    from dlsearch.spec import ModelSpec
+    from dlsearch.config.spec import ModelSpec
 
 KINDS = ("mlp", "cnn", "lstm", "gru", "transformer", "custom")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh", "sigmoid")
@@ -57,11 +57,11 @@ def build_model(
     `lstm` / `gru`: the sample read as a sequence (an image row by row, a flat
     sample one feature per step), `depth` >= 1 recurrent layers of hidden size
     `width`, optionally `bidirectional`; the final state -> norm -> Dropout ->
-    Linear(n_classes). See `dlsearch.sequence_models.recurrent`.
+    Linear(n_classes). See `dlsearch.trial.sequence_models.recurrent`.
     `transformer`: rows or `patch_size` x `patch_size` patches as tokens, a
     pre-norm encoder of `depth` >= 1 layers, d_model `width` and `heads` heads,
     pooled by a class token or the mean (`pooling`), then Linear(n_classes). See
-    `dlsearch.sequence_models.transformer`.
+    `dlsearch.trial.sequence_models.transformer`.
     `custom`: the module `model.factory` returns, its entry point looked for in
     `base_dir` (the study's folder), then the working directory.
     In every built-in kind the last layer is the `nn.Linear` child `head`.
@@ -226,7 +226,7 @@ def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Se
 
 
 def _custom(spec: ModelSpec, input_shape: tuple[int, ...], n_classes: int, base_dir: str | None) -> nn.Module:
-    from dlsearch.entrypoints import resolve
+    from dlsearch.config.entrypoints import resolve
 
     factory = resolve(spec.factory or "", "model.factory", base_dir)
     model = factory(spec.model_dump(), input_shape, n_classes)

@@ -23,14 +23,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from dlsearch.spec import SpecError, StudySpec
+from dlsearch.config.spec import SpecError, StudySpec
+from dlsearch.errors import RunError
 
 
-class ServiceUnreachable(Exception):
+class ServiceUnreachable(RunError):
     """A tracking server, database or Ray cluster that does not answer (exit 1)."""
 
 
-class StudyBusy(Exception):
+class StudyBusy(RunError):
     """Another `dlsearch run` of the same study holds its lock (exit 1)."""
 
 
@@ -118,8 +119,8 @@ def create_stores(spec: StudySpec) -> None:
     """
     from mlflow import MlflowClient
 
-    from dlsearch.runner import open_storage
-    from dlsearch.tracker import tracking_uri
+    from dlsearch.search.storage import open_storage
+    from dlsearch.config.stores import tracking_uri
 
     t = spec.tracking
     for uri, create in (

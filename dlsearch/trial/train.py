@@ -29,11 +29,11 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import torch
 from torch import nn
 
-from dlsearch.config import TrialConfig
-from dlsearch.data import DataBundle, DatasetBundle
-from dlsearch.models import build_model
-from dlsearch.practice import find_overfit_epoch, is_binary, loss_fn, make_augment, n_outputs, predict
-from dlsearch.transfer import freeze, load_weights, read_state, set_train_mode
+from dlsearch.config.trial_config import TrialConfig
+from dlsearch.trial.data import DataBundle, DatasetBundle
+from dlsearch.trial.models import build_model
+from dlsearch.trial.practice import find_overfit_epoch, is_binary, loss_fn, make_augment, n_outputs, predict
+from dlsearch.trial.transfer import freeze, load_weights, read_state, set_train_mode
 
 
 class TrialPruned(Exception):
@@ -253,7 +253,7 @@ def make_loaders(data: DatasetBundle, cfg: TrialConfig, device: torch.device) ->
 def prepare_model(cfg: TrialConfig, input_shape: tuple[int, ...], n_classes: int, device: torch.device) -> nn.Module:
     """The trial's model on `device`: built and initialised, loaded from `model.init_from`, frozen per `model.freeze`.
 
-    `model.init_from` must be a local checkpoint file here (`dlsearch.tracker.with_local_source`
+    `model.init_from` must be a local checkpoint file here (`dlsearch.tracking.tracker.with_local_source`
     fetches MLflow references); the random init draws from the seed set before the call.
     """
     model = build_model(cfg.model, input_shape, n_outputs(cfg, n_classes), base_dir=cfg.base_dir)

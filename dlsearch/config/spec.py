@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
+from dlsearch.errors import InputError
+from dlsearch.search.build import check_optuna_options  # Optuna's word on its own options
 
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic", "csv", "custom")
 IMAGE_DATASETS = ("mnist", "fashion_mnist", "digits")
@@ -38,12 +40,15 @@ SEARCHABLE_SECTIONS = ("data", "model", "train")
 Scalar = Union[bool, int, float, str, None]
 
 
-class SpecError(Exception):
+class SpecError(InputError):
     """Every problem found in a study, one line each."""
 
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = problems
+
+    def lines(self) -> list[str]:
+        return list(self.problems)
 
 
 class _Section(BaseModel):
@@ -525,14 +530,12 @@ def _relevant_errors(errors: list[dict]) -> list[dict]:
 
 def _check_optuna_sections(raw: dict) -> list[str]:
     """The sampler and pruner options, checked even when other sections are broken."""
-    from dlsearch.search import check_optuna_options
-
     try:
         sampler = SamplerSpec.model_validate(raw.get("sampler", {}))
         pruner = PrunerSpec.model_validate(raw.get("pruner", {"n_startup_trials": 5, "n_warmup_steps": 2}))
     except ValidationError:
         return []  # already reported
-    return check_optuna_options(sampler, pruner)
+    return _optuna_problems(sampler, pruner)
 
 
 def _format_pydantic(err: dict) -> str:
@@ -784,10 +787,14 @@ def _check_rest(spec: StudySpec) -> list[str]:
             if isinstance(dim, FloatDim) and dim.step is None:
                 out.append(f"search.{key}.step: the grid sampler needs every float dimension stepped "
                            "(or categorical)")
-    from dlsearch.search import check_optuna_options  # Optuna lives in dlsearch.search
-
-    out += check_optuna_options(spec.sampler, spec.pruner)
+    out += _optuna_problems(spec.sampler, spec.pruner)
     return out
+
+
+def _optuna_problems(sampler: SamplerSpec, pruner: PrunerSpec) -> list[str]:
+    """Optuna's own word on the sampler's and pruner's options, on their keys' paths."""
+    return check_optuna_options(sampler.type, dict(sampler.model_extra or {}), pruner.type,
+                                dict(pruner.model_extra or {}))
 
 
 def _check_practice(spec: StudySpec) -> list[str]:
@@ -815,7 +822,7 @@ def _check_practice(spec: StudySpec) -> list[str]:
     if t.loss == "bce" and n_classes not in (None, 2):
         out.append(f"train.loss: bce (one logit) needs 2 classes; {d.dataset} has {n_classes} (use auto)")
     if m.init_from is not None:
-        from dlsearch.transfer import source_problem  # torch-free check of the reference's form
+        from dlsearch.config.sources import source_problem  # torch-free check of the reference's form
 
         line = source_problem(m.init_from, spec.path.parent if spec.path else None)
         if line:
@@ -847,7 +854,7 @@ def _check_population(spec: StudySpec) -> list[str]:
 
 def _check_entry_points(raw: dict, base_dir: str | Path | None) -> list[str]:
     """Import every entry point the study names (also each searched choice of a factory)."""
-    from dlsearch.entrypoints import problem
+    from dlsearch.config.entrypoints import problem
 
     refs: list[tuple[str, Any]] = []
     for section, switch in (("data", "dataset"), ("model", "kind")):

@@ -7,8 +7,8 @@ can take non-overlapping p x p patches of an image as its tokens instead.
 Every model ends in an `nn.Linear` child named `head`, its last weighted layer, so
 transfer learning can freeze the rest (the backbone) and replace the head.
 
-`dlsearch.models.build_model` calls the builders here and then initialises the
-weights (`dlsearch.models.init_weights` knows these layers). Like that module,
+`dlsearch.trial.models.build_model` calls the builders here and then initialises the
+weights (`dlsearch.trial.models.init_weights` knows these layers). Like that module,
 this one imports only torch.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:  # the spec module pulls in pydantic and yaml; models need only its fields
-    from dlsearch.spec import ModelSpec
+    from dlsearch.config.spec import ModelSpec
 
 # The std of learned positional embeddings and of the class token (BERT, ViT); small, so that
 # at the start the tokens' content outweighs their position.

@@ -23,8 +23,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from dlsearch.entrypoints import local_code
-from dlsearch.spec import SpecError, StudySpec
+from dlsearch.config.entrypoints import local_code
+from dlsearch.config.spec import SpecError, StudySpec
 
 FORWARDED_PREFIX = "DLSEARCH_"
 PATH_VARIABLES = ("DLSEARCH_DATA_DIR",)  # relative to the driver's working directory: sent absolute
@@ -50,7 +50,7 @@ def for_workers(spec: StudySpec) -> StudySpec:
     in a folder it was pointed at (`data.root`, `$DLSEARCH_DATA_DIR`) are that folder for every
     trial, never downloaded again: a node that does not see it is left out by `check_nodes`.
     """
-    from dlsearch.data import find_idx_files, search_roots  # torch: only where a run is dispatched
+    from dlsearch.trial.data import find_idx_files, search_roots  # torch: only where a run is dispatched
 
     update: dict[str, Any] = {field: os.path.abspath(os.path.expanduser(value))
                               for field in ("root", "path") if isinstance(value := getattr(spec.data, field), str)}
@@ -105,8 +105,8 @@ class NodeCheck:
 def node_problems(spec: StudySpec, code_paths: Sequence[str] = ()) -> list[str]:
     """What would stop a trial of `spec` on this machine: missing data, entry points that do not
     import. Runs in a Ray task on each node; never downloads or writes."""
-    from dlsearch.data import check_data_available
-    from dlsearch.entrypoints import add_search_paths, problem
+    from dlsearch.trial.data import check_data_available
+    from dlsearch.config.entrypoints import add_search_paths, problem
 
     add_search_paths(code_paths)
     out = list(check_data_available(spec.data))

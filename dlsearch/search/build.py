@@ -1,0 +1,147 @@
+"""Optuna's samplers and pruners by their study-file names, built and checked from keyword options.
+
+Only Optuna here: no study types, so that the study file's checks (`dlsearch.config`) can ask
+Optuna itself whether an option is right, with its own message, before anything runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import warnings
+from typing import Any
+
+import optuna
+
+SAMPLERS = {
+    "random": "RandomSampler",
+    "grid": "GridSampler",
+    "tpe": "TPESampler",
+    "cmaes": "CmaEsSampler",
+    "gp": "GPSampler",
+    "qmc": "QMCSampler",
+    "nsga2": "NSGAIISampler",
+}
+PRUNERS = {
+    "none": "NopPruner",
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner",
+    "patient": "PatientPruner",
+    "threshold": "ThresholdPruner",
+    "wilcoxon": "WilcoxonPruner",
+}
+# Keys dlsearch fills in itself rather than taking from the study file.
+_SAMPLER_OWN_KEYS = {"seed", "search_space"}
+
+
+
+def sampler_from(kind: str, kwargs: dict[str, Any], seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named `kind` (`tpe`, `random`, ...), with the study file's options."""
+    return getattr(optuna.samplers, SAMPLERS[kind])(seed=seed, **kwargs)
+
+
+def pruner_from(kind: str, kwargs: dict[str, Any]) -> optuna.pruners.BasePruner:
+    """The Optuna pruner named `kind` (`median`, `hyperband`, ...), with the study file's options."""
+    return _pruner_from(kind, dict(kwargs))
+
+
+def check_optuna_options(sampler: str, sampler_kwargs: dict[str, Any], pruner: str,
+                         pruner_kwargs: dict[str, Any]) -> list[str]:
+    """Problems with the sampler's and pruner's extra keys, as `sampler.KEY: ...` lines."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # building one is a check here
+        return _check_options(sampler, dict(sampler_kwargs), pruner, dict(pruner_kwargs))
+
+
+def _check_options(sampler: str, kwargs: dict[str, Any], pruner: str, pruner_kwargs: dict[str, Any]) -> list[str]:
+    cls = getattr(optuna.samplers, SAMPLERS[sampler])
+    problems = _unknown_kwargs("sampler", sampler, cls, kwargs, _SAMPLER_OWN_KEYS)
+    if not problems and sampler != "grid":  # the grid's only option is its space, built from search
+        try:
+            cls(**kwargs)
+        except Exception as err:  # noqa: BLE001 - Optuna's own message is the best explanation
+            # Name the key that caused it, as the pruner check does.
+            key = next((k for k in kwargs if not _constructs(cls, {k: kwargs[k]})), None)
+            problems.append(f"sampler.{key}: {err} (got {kwargs[key]!r})" if key else f"sampler: {err}")
+    return problems + _check_pruner("pruner", pruner, pruner_kwargs)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _constructs(cls: type, kwargs: dict[str, Any]) -> bool:
+    try:
+        cls(**kwargs)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _pruner_from(kind: str, kwargs: dict[str, Any]) -> optuna.pruners.BasePruner:
+    cls = getattr(optuna.pruners, PRUNERS[kind])
+    if kind == "none":
+        return cls()
+    if kind == "patient":
+        wrapped = dict(kwargs.pop("wrapped", None) or {"type": "none"})
+        wrapped_kind = wrapped.pop("type", "median")
+        inner = None if wrapped_kind == "none" else _pruner_from(wrapped_kind, wrapped)
+        return cls(inner, **kwargs)
+    return cls(**kwargs)
+
+
+def _check_pruner(where: str, kind: Any, kwargs: dict[str, Any]) -> list[str]:
+    if kind not in PRUNERS:
+        return [f"{where}.type: must be one of {', '.join(PRUNERS)} (got {kind!r})"]
+    cls = getattr(optuna.pruners, PRUNERS[kind])
+    own = {"wrapped_pruner"}
+    extra_known = {"wrapped"} if kind == "patient" else set()
+    problems = _unknown_kwargs(where, kind, cls, {k: v for k, v in kwargs.items() if k not in extra_known}, own)
+    if kind == "patient" and "patience" not in kwargs:
+        problems.append(f"{where}.patience: is required for the patient pruner")
+    if kind == "percentile" and "percentile" not in kwargs:
+        problems.append(f"{where}.percentile: is required for the percentile pruner")
+    if kind == "patient" and kwargs.get("wrapped") is not None:
+        wrapped = kwargs["wrapped"]
+        if not isinstance(wrapped, dict):
+            problems.append(f"{where}.wrapped: must be a pruner mapping such as {{type: median}} (got {wrapped!r})")
+        else:
+            inner = dict(wrapped)
+            problems += _check_pruner(f"{where}.wrapped", inner.pop("type", "median"), inner)
+    if problems:
+        return problems
+    try:
+        _pruner_from(kind, dict(kwargs))
+    except Exception as err:  # noqa: BLE001 - attribute Optuna's message to the key that caused it
+        return [_attribute(where, kind, kwargs, err)]
+    return []
+
+
+def _attribute(where: str, kind: str, kwargs: dict[str, Any], err: Exception) -> str:
+    required = {"percentile": {"percentile": 50.0}, "patient": {"patience": 1}}.get(kind, {})
+    for key, value in kwargs.items():
+        try:
+            _pruner_from(kind, {**required, key: value})
+        except Exception as one:  # noqa: BLE001
+            return f"{where}.{key}: {one} (got {value!r})"
+    return f"{where}: {err}"
+
+
+def _unknown_kwargs(where: str, kind: str, cls: type, kwargs: dict[str, Any], own: set[str]) -> list[str]:
+    params = [
+        name for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in own
+    ]
+    out = []
+    for key in kwargs:
+        if key == "seed":
+            out.append(f"{where}.seed: dlsearch seeds the {where.split('.')[0]} from the study's `seed`; set that instead")
+        elif key not in params:
+            hint = difflib.get_close_matches(key, params, n=1, cutoff=0.6)
+            takes = f"it takes {', '.join(params)}" if params else "it takes no options"
+            out.append(f"{where}.{key}: unknown option for the {kind} {where.split('.')[0]}; "
+                       + (f"did you mean {hint[0]}?" if hint else takes))
+    return out
+
+
