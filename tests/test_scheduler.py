@@ -2,8 +2,10 @@
 
 Scripted learning curves go through both paths, one trial after another:
 Optuna's objective loop (`report` / `should_prune` / `TrialPruned`) and our Tune
-scheduler's `on_trial_result`. The Tune trial is a stand-in holding only the
-`trial_id` the scheduler reads; the scheduler and the Optuna study are real.
+scheduler's `on_trial_result`, which hands each result to the driver's one prune
+decision (`_Driver.on_result`, with a real MLflow tracker). The Tune trial is a
+stand-in holding only the `trial_id` the scheduler reads; the scheduler, the driver,
+the Optuna study and the MLflow store are real.
 """
 
 from __future__ import annotations
@@ -11,13 +13,20 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from dlsearch.backend.scheduler import OptunaPruningScheduler
+from dlsearch.backend.scheduler import DriverScheduler
+from dlsearch.config.spec import load_spec
+from dlsearch.config.trial_config import trial_config
+from dlsearch.protocol import EpochReport, TrialEnd, to_result
 from dlsearch.search.build import pruner_from
+from dlsearch.tracking.tracker import MlflowTracker
+from dlsearch.tuner.runner import TrialRecord, _Driver
+from tests.studies import write_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -72,26 +81,41 @@ class _TuneTrial:
     trial_id: str
 
 
-def scheduler_decisions(kind: str, kwargs: dict, curves: list[list[float]]) -> list[int | None]:
-    """The same curves through OptunaPruningScheduler, as the dlsearch driver feeds it."""
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("scheduler")
+
+
+def _driver(store: Path, name: str, study: optuna.Study) -> _Driver:
+    spec = load_spec(write_study(store, filename=f"{name}.yaml", name=name))
+    tracker = MlflowTracker(spec, name)
+    tracker.open()
+    return _Driver(spec, study, tracker, lambda kind, info: None)
+
+
+def scheduler_decisions(kind: str, kwargs: dict, curves: list[list[float]], store: Path) -> list[int | None]:
+    """The same curves through DriverScheduler and the driver, as Tune feeds them."""
     study = optuna.create_study(study_name="equivalence", direction="maximize",
                                 pruner=pruner_from(kind, dict(kwargs)))
-    live: dict[str, optuna.Trial] = {}
-    scheduler = OptunaPruningScheduler("val_accuracy", live.get, final_key="dlsearch_final")
+    driver = _driver(store, f"equivalence-{kind}-{len(kwargs)}-{abs(hash(str(kwargs))) % 1000}", study)
+    scheduler = DriverScheduler(driver.on_result)
     pruned_at: list[int | None] = []
     for i, curve in enumerate(curves):
         tune_trial = _TuneTrial(f"t{i}")
-        live[tune_trial.trial_id] = study.ask()
+        asked = study.ask()
+        cfg = trial_config(driver.spec, {}, asked.number)
+        driver.records[tune_trial.trial_id] = TrialRecord(asked.number, asked, cfg, driver.tracker.start(cfg))
         decision_epoch = None
         for epoch, value in enumerate(curve, start=1):
-            decision = scheduler.on_trial_result(None, tune_trial, {"epoch": epoch, "val_accuracy": value})
+            result = to_result(EpochReport(epoch, {"val_accuracy": value}))
+            decision = scheduler.on_trial_result(None, tune_trial, result)
             if decision == TrialScheduler.STOP:
                 decision_epoch = epoch
                 break
         # the final report is not an epoch: never pruned on, never reported to Optuna
-        assert scheduler.on_trial_result(None, tune_trial, {"dlsearch_final": 1, "val_accuracy": 0.0}) \
-            == TrialScheduler.CONTINUE
-        trial = live.pop(tune_trial.trial_id)
+        end = TrialEnd(state="COMPLETE", best_metrics={"val_accuracy": 0.0})
+        assert scheduler.on_trial_result(None, tune_trial, to_result(end)) == TrialScheduler.CONTINUE
+        trial = driver.records.pop(tune_trial.trial_id).optuna_trial
         if decision_epoch is None:
             study.tell(trial, curve[-1])
         else:
@@ -101,17 +125,26 @@ def scheduler_decisions(kind: str, kwargs: dict, curves: list[list[float]]) -> l
 
 
 @pytest.mark.parametrize(("kind", "kwargs"), PRUNERS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(PRUNERS)])
-def test_scheduler_prunes_exactly_like_optuna(kind: str, kwargs: dict) -> None:
+def test_scheduler_prunes_exactly_like_optuna(kind: str, kwargs: dict, store: Path) -> None:
     curves = scripted_curves()
     expected = optuna_decisions(kind, kwargs, curves)
-    assert scheduler_decisions(kind, kwargs, curves) == expected
+    assert scheduler_decisions(kind, kwargs, curves, store) == expected
     if kind not in ("none",):
         assert any(e is not None for e in expected), f"{kind}: the scripted curves should prune something"
 
 
-def test_unknown_trial_and_results_without_epoch_continue() -> None:
-    scheduler = OptunaPruningScheduler("val_accuracy", {}.get)
-    assert scheduler.on_trial_result(None, _TuneTrial("x"), {"epoch": 1, "val_accuracy": 0.1}) \
-        == TrialScheduler.CONTINUE
-    assert scheduler.on_trial_result(None, _TuneTrial("x"), {"val_accuracy": 0.1}) == TrialScheduler.CONTINUE
-    assert scheduler.pruned == {}
+def test_unknown_trial_and_results_without_epoch_continue(store: Path) -> None:
+    study = optuna.create_study(study_name="unknown", direction="maximize", pruner=pruner_from("threshold",
+                                                                                              {"lower": 0.5}))
+    driver = _driver(store, "unknown", study)
+    scheduler = DriverScheduler(driver.on_result)
+    low = to_result(EpochReport(1, {"val_accuracy": 0.1}))
+    assert scheduler.on_trial_result(None, _TuneTrial("x"), low) == TrialScheduler.CONTINUE  # not the driver's
+    asked = study.ask()
+    cfg = trial_config(driver.spec, {}, asked.number)
+    driver.records["y"] = TrialRecord(asked.number, asked, cfg, driver.tracker.start(cfg))
+    assert scheduler.on_trial_result(None, _TuneTrial("y"), {"val_accuracy": 0.1}) == TrialScheduler.CONTINUE
+    assert driver.records["y"].pruned_at is None and driver.epochs_run == 0  # not a report of dlsearch's
+    assert scheduler.on_trial_result(None, _TuneTrial("y"), low) == TrialScheduler.STOP  # below the threshold
+    assert scheduler.on_trial_result(None, _TuneTrial("y"), low) == TrialScheduler.STOP  # a repeat: still stopped
+    assert driver.records["y"].pruned_at == 1 and driver.epochs_run == 1

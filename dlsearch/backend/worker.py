@@ -17,7 +17,6 @@ them: SQLite and MLflow keep a single writer.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -29,22 +28,15 @@ import ray
 import torch
 from ray import tune
 
-from dlsearch.config.trial_config import trial_config
-from dlsearch.trial.custom_trainable import run_custom_trainable
-from dlsearch.trial.data import load_data
 from dlsearch.config.entrypoints import add_search_paths
 from dlsearch.config.spec import StudySpec
+from dlsearch.config.trial_config import trial_config
+from dlsearch.protocol import (ARTIFACTS_DIR, BEST_FILE, LAST_FILE, MEMBERS_DIR, MODEL_DIR, STATE_FILE, Assignment,
+                               EpochReport, PopulationEnd, PopulationEpoch, TrialEnd, to_result)
+from dlsearch.trial.custom_trainable import run_custom_trainable
+from dlsearch.trial.data import load_data
+from dlsearch.trial.population import train_population
 from dlsearch.trial.train import train_trial
-
-FINAL = "dlsearch_final"  # marks the last report of a trial: not an epoch, never pruned on
-METRICS_KEY = "dlsearch_metrics"  # an epoch's metric names, comma-separated: what the driver logs
-STATE_FILE = "state.pt"  # resume state inside a Tune checkpoint
-MODEL_DIR = "model"  # inside the final checkpoint: what MLflow gets as the trial's checkpoint
-BEST_FILE = "best.pt"  # the best epoch's weights (built-in loop)
-LAST_FILE = "last.pt"  # a custom trainable's last checkpoint
-MEMBERS_KEY = "dlsearch_members"  # a population's members: in its config, and (JSON) in its reports
-MEMBERS_DIR = "members"  # inside a population's final checkpoint: members/<number>/model/best.pt
-ARTIFACTS_DIR = "artifacts"  # files a custom trainable logged
 
 
 def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[str] = ()) -> None:
@@ -56,13 +48,14 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
     add_search_paths(code_paths)
     # As many torch threads as CPUs the trial reserved: concurrent trials whose threads outnumber
     # the cores spend their time waiting for each other (worst for small sequence-model ops).
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial * float(config.get("resources_scale", 1)))))
+    assignment = Assignment.from_config(config)
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial * assignment.resources_scale)))
     _cap_gpu_memory()
-    if MEMBERS_KEY in config:
-        _run_population(config, spec)
+    if assignment.is_population:
+        _run_population(assignment, spec)
         return
-    number = int(config["number"])
-    cfg = trial_config(spec, config["params"], number)
+    member = assignment.members[0]
+    cfg = trial_config(spec, member.params, member.number)
     reporter = _TuneReporter()
     try:
         resume = reporter.restore()
@@ -77,56 +70,51 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
                 data = load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)  # cached per worker
                 result = train_trial(cfg, data, reporter, resume=resume)
         except Exception as err:  # noqa: BLE001 - any error ends this trial as FAIL; the study goes on
-            detail = traceback.format_exception_only(type(err), err)[-1].strip()
-            reporter.final({FINAL: 1, "state": "FAIL", "fail_reason": detail[:500], **_memory_flag(err)})
+            reporter.final(TrialEnd.failed(_one_line(err), _out_of_memory(err)))
             return
         complete = result.state == "COMPLETE"
         reporter.final(
-            {FINAL: 1, **_final_metrics(result)},
+            TrialEnd.of(result),
             model={BEST_FILE: result.best_state, LAST_FILE: result.final_checkpoint} if complete else {},
         )
     finally:
         reporter.close()  # also when Tune stops a pruned trial (a SystemExit out of tune.report)
 
 
-def _run_population(config: Mapping[str, Any], spec: StudySpec) -> None:
+def _run_population(assignment: Assignment, spec: StudySpec) -> None:
     """A Tune trial carrying several Optuna trials: trained as one stacked model (`train_population`).
 
-    Each epoch goes out as ONE report whose `dlsearch_members` (JSON) holds every member's
-    metrics; the driver tells the members to stop through the study's `PruneBoard`, keyed by
-    this population's id. The final report lists each member's end, and its checkpoint holds
+    Each epoch goes out as ONE report (`PopulationEpoch`) holding every member's metrics; the
+    driver tells the members to stop through the study's `PruneBoard`, keyed by this population's
+    id. The final report (`PopulationEnd`) says how each member ended, and its checkpoint holds
     `members/<number>/model/best.pt` of each completed member. A population does not checkpoint
     between epochs: a restarted worker trains it from the start (the driver skips epochs it has).
     """
-    from dlsearch.trial.population import train_population
-
-    cfgs = [trial_config(spec, m["params"], int(m["number"])) for m in config[MEMBERS_KEY]]
-    node = {"node_id": ray.get_runtime_context().get_node_id()}
-    board = ray.get_actor(config["board"])
-    key = config["population"]
+    cfgs = [trial_config(spec, m.params, m.number) for m in assignment.members]
+    node_id = ray.get_runtime_context().get_node_id()
+    board = ray.get_actor(assignment.board)
 
     def report_epoch(epoch: int, metrics: Mapping[int, Mapping[str, float]]) -> list[int]:
-        rows = [{"number": cfgs[i].number, **m} for i, m in metrics.items()]
-        tune.report({"epoch": epoch, MEMBERS_KEY: json.dumps(rows), **node})
-        stop = set(ray.get(board.wait.remote(key, epoch)))
+        members = {cfgs[i].number: dict(m) for i, m in metrics.items()}
+        tune.report(to_result(PopulationEpoch(epoch, members), node_id))
+        stop = set(ray.get(board.wait.remote(assignment.population, epoch)))
         return [i for i in metrics if cfgs[i].number in stop]
 
     try:
         data = load_data(cfgs[0].data, cfgs[0].data_seed, base_dir=cfgs[0].base_dir)  # cached per worker
         results = train_population(cfgs, data, report_epoch=report_epoch)
     except Exception as err:  # noqa: BLE001 - the population's members end as FAIL; the study goes on
-        detail = traceback.format_exception_only(type(err), err)[-1].strip()[:500]
-        ends = [{"number": c.number, "state": "FAIL", "fail_reason": detail, **_memory_flag(err)} for c in cfgs]
-        tune.report({FINAL: 1, "state": "FAIL", MEMBERS_KEY: json.dumps(ends), **node})
+        end = TrialEnd.failed(_one_line(err), _out_of_memory(err))
+        tune.report(to_result(PopulationEnd({c.number: end for c in cfgs}), node_id))
         return
-    ends = [{"number": cfg.number, **_final_metrics(result)} for cfg, result in zip(cfgs, results)]
+    ends = PopulationEnd({cfg.number: TrialEnd.of(result) for cfg, result in zip(cfgs, results)})
     with tempfile.TemporaryDirectory() as tmp:
         for cfg, result in zip(cfgs, results):
             if result.state == "COMPLETE" and result.best_state is not None:
                 folder = Path(tmp) / MEMBERS_DIR / str(cfg.number) / MODEL_DIR
                 folder.mkdir(parents=True)
                 torch.save(result.best_state, folder / BEST_FILE)
-        result_row = {FINAL: 1, "state": "COMPLETE", MEMBERS_KEY: json.dumps(ends), **node}
+        result_row = to_result(ends, node_id)
         if any(Path(tmp).iterdir()):
             tune.report(result_row, checkpoint=tune.Checkpoint.from_directory(tmp))
         else:
@@ -142,30 +130,19 @@ def _cap_gpu_memory() -> None:
         torch.cuda.set_per_process_memory_fraction(share)
 
 
-def _memory_flag(err: BaseException) -> dict[str, int]:
-    """`{"out_of_memory": 1}` for an error that says the trial ran out of (GPU or host) memory."""
+def _one_line(err: BaseException) -> str:
+    """`Type: message`, the last line of the exception's own summary."""
+    return traceback.format_exception_only(type(err), err)[-1].strip()
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says the trial ran out of (GPU or host) memory."""
     text = str(err).lower()
     oom = (isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError))
            or any(s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory")))
     if oom and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the worker is reused: give the cache back to the GPU's other trials
-    return {"out_of_memory": 1} if oom else {}
-
-
-def _final_metrics(result: Any) -> dict[str, Any]:
-    """What a trial's last report says of how it ended (`TrialResult`)."""
-    return {
-        "state": result.state,
-        "fail_reason": result.fail_reason or "",
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch or 0,
-        "test_loss": result.test_loss,
-        "test_accuracy": result.test_accuracy,
-        "epoch_time_s": result.epoch_time_s,
-        "overfit_epoch": result.overfit_epoch or 0,
-        **{f"best.{k}": v for k, v in result.best_metrics.items()},
-        **{f"final.{k}": v for k, v in result.final_metrics.items()},
-    }
+    return oom
 
 
 class PruneBoard:
@@ -196,14 +173,14 @@ class _TuneReporter:
 
     def __init__(self) -> None:
         # Tune adds hostname and node_ip to each result; the Ray node id names the node for the driver.
-        self._node = {"node_id": ray.get_runtime_context().get_node_id()}
+        self._node_id = ray.get_runtime_context().get_node_id()
         self._folder = Path(tempfile.mkdtemp(prefix="dlsearch-trial-"))
         self._state = self._folder / STATE_FILE  # the last resume state, carried into later checkpoints
         self._artifacts = self._folder / ARTIFACTS_DIR
         self._new_artifacts = False
 
     def __call__(self, epoch: int, metrics: Mapping[str, float], checkpoint: dict | None = None) -> None:
-        row = {**metrics, "epoch": epoch, METRICS_KEY: ",".join(metrics), **self._node}
+        row = to_result(EpochReport(epoch, dict(metrics)), self._node_id)
         if checkpoint is not None:
             tmp = self._state.with_suffix(".tmp")
             torch.save(checkpoint, tmp)
@@ -243,9 +220,9 @@ class _TuneReporter:
         # Our own file, written by this trial: full unpickling is safe here.
         return torch.load(self._state, weights_only=False)
 
-    def final(self, result: dict[str, Any], model: Mapping[str, Any] | None = None) -> None:
+    def final(self, end: TrialEnd, model: Mapping[str, Any] | None = None) -> None:
         """The trial's last report; its checkpoint holds the model files and every logged artifact."""
-        result = {**result, **self._node}
+        result = to_result(end, self._node_id)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             for name, obj in (model or {}).items():

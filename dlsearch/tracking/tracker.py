@@ -25,6 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from dlsearch.config.trial_config import TrialConfig
 from dlsearch.config.spec import StudySpec
 from dlsearch.config.stores import is_server, tracking_uri
+from dlsearch.protocol import TrialEnd
 
 # Trial state -> MLflow run status. PRUNED is a normal end (Optuna counts it finished too).
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
@@ -156,7 +157,7 @@ class MlflowTracker:
         self._last_flush = time.monotonic()
 
     def end(
-        self, run_id: str, state: str, *, fail_reason: str = "", final: Mapping[str, Any] | None = None,
+        self, run_id: str, state: str, *, fail_reason: str = "", final: TrialEnd | None = None,
         checkpoint_dir: str | None = None, node: Mapping[str, str] | None = None, population: Sequence[int] = (),
         terminate: bool = True,
     ) -> None:
@@ -164,18 +165,17 @@ class MlflowTracker:
         checkpoint, then (unless `terminate` is False: call `terminate` later) its status.
 
         `node` is where the trial ran, as its reports said: `node_id` (the Ray node), `node_ip`, `hostname`;
-        `population` the trial numbers it trained with as one stacked model (tag `dlsearch.trial.population`).
+        `population` the trial numbers it trained with as one stacked model (tag `dlsearch.population`).
         """
-        final = final or {}
-        epochs_run = int(final.get("epochs_run") or 0)
+        final = final or TrialEnd(state=state)
+        tests = {"test_loss": final.test_loss, "test_accuracy": final.test_accuracy}
         metrics = self._buffer.pop(run_id, []) + [
-            Metric(k, float(final[k]), _now_ms(), epochs_run) for k in ("test_loss", "test_accuracy")
-            if final.get(k) is not None]
+            Metric(k, float(v), _now_ms(), final.epochs_run) for k, v in tests.items() if v is not None]
         tags = [RunTag("dlsearch.state", state)]
         if fail_reason:
             tags.append(RunTag("dlsearch.fail_reason", fail_reason[:5000]))
-        if final.get("overfit_epoch"):  # the epoch validation loss turned up while training loss still fell
-            tags.append(RunTag("dlsearch.overfit_epoch", str(int(final["overfit_epoch"]))))
+        if final.overfit_epoch:  # the epoch validation loss turned up while training loss still fell
+            tags.append(RunTag("dlsearch.overfit_epoch", str(final.overfit_epoch)))
         if population:
             tags.append(RunTag("dlsearch.population", ",".join(map(str, population))))
         for key, tag in (("node_id", "dlsearch.node"), ("node_ip", "dlsearch.node_ip"),

@@ -28,6 +28,9 @@ from dlsearch.config.entrypoints import search_paths
 from dlsearch.tuner.preflight import ServiceUnreachable, check_ray_address, check_stores, study_lock
 from dlsearch.search.space import directions, make_pruner, make_sampler, suggest
 from dlsearch.config.spec import StudySpec
+from dlsearch.protocol import (ARTIFACTS_DIR, BEST_FILE, LAST_FILE, MEMBERS_DIR, MODEL_DIR, Assignment, EpochReport,
+                               Member, PopulationEnd, PopulationEpoch, TrialEnd, from_result, resources_scale)
+from dlsearch.search.pruning import should_prune
 from dlsearch.search.storage import open_storage, study_versions
 from dlsearch.tracking.tracker import MlflowTracker, fetch_checkpoint, with_source_architecture
 from dlsearch.errors import InterruptedRun, RunError
@@ -54,9 +57,9 @@ class TrialRecord:
     run_id: str
     started_s: float = field(default_factory=time.monotonic)
     n_epochs: int = 0
-    final: dict[str, Any] | None = None
+    final: TrialEnd | None = None  # the trial's last report
     node: dict[str, str] = field(default_factory=dict)  # node_id, node_ip, hostname of the last report
-    pruned_at: int | None = None  # the epoch the driver pruned a population member at
+    pruned_at: int | None = None  # the epoch the driver pruned it at
     scale: float = 1  # times the per-trial resources it runs with (doubled after running out of memory)
     population: list[int] = field(default_factory=list)  # the trial numbers it trained with, as one model
 
@@ -219,21 +222,13 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[s
     import ray
     from ray import tune
 
-    from dlsearch.backend.scheduler import OptunaPruningScheduler
-    from dlsearch.backend.worker import FINAL, run_trial
+    from dlsearch.backend.scheduler import DriverScheduler
+    from dlsearch.backend.worker import PruneBoard, run_trial
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cpus, gpus_per_trial, concurrency = _resources(spec, usable_resources(avoid))
-        metric = spec.objectives[0].metric
-        scheduler = (
-            OptunaPruningScheduler(metric, driver.optuna_trial_for, final_key=FINAL)
-            if len(spec.objectives) == 1 else tune.schedulers.FIFOScheduler()
-        )
-        driver.scheduler = scheduler
         if spec.resources.population > 1:
-            from dlsearch.backend.worker import PruneBoard
-
             driver.board_name = f"dlsearch-prune-board-{os.getpid()}-{time.time_ns()}"
             driver.board = ray.remote(num_cpus=0)(PruneBoard).options(name=driver.board_name).remote()
         driver.to_ask = n_trials
@@ -247,7 +242,7 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[s
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=_OptunaSearcher(driver),
-                scheduler=scheduler,
+                scheduler=DriverScheduler(driver.on_result),
                 num_samples=-1,  # the driver's searcher says when the budget is done (FINISHED)
                 max_concurrent_trials=min(concurrency, n_trials),
                 reuse_actors=True,  # a worker keeps its loaded data across the trials it runs
@@ -339,7 +334,7 @@ def _trial_resources(cpus: float, gpus: float, avoid: tuple[str, ...], config: M
     on a node not in `avoid` (nodes the cluster preflight found unable to run trials)."""
     from ray.tune import PlacementGroupFactory
 
-    scale = float(config.get("resources_scale", 1))
+    scale = resources_scale(config)
     return PlacementGroupFactory([{"CPU": cpus * scale, "GPU": min(1.0, gpus * scale) if gpus else 0}],
                                  **excluding(avoid))
 
@@ -387,9 +382,6 @@ class _OptunaSearcher(_DriverBound, _Searcher):
 class _DriverCallback(_DriverBound, _Callback):
     def __init__(self, driver: "_Driver"):
         self.driver = driver
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.driver.on_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cache = Path(self.driver.spec.tracking.artifacts).resolve().parent / "checkpoints" / trial.trial_id
@@ -447,7 +439,9 @@ class _Driver:
         self.tracker = tracker
         self.emit = emit
         self.records: dict[str, TrialRecord] = {}
-        self.scheduler: Any = None
+        # Optuna's pruners take one objective: a multi-objective study runs every trial to its end.
+        self.pruning = len(spec.objectives) == 1
+        self.metric = spec.objectives[0].metric
         self.epochs_run = 0
         self.n_interrupted = 0
         self.grid_done = False  # the sampler has nothing left to try (a finished grid)
@@ -472,10 +466,6 @@ class _Driver:
     def running(self) -> bool:
         return bool(self.records or self.populations)
 
-    def optuna_trial_for(self, tune_trial_id: str) -> optuna.Trial | None:
-        record = self.records.get(tune_trial_id)
-        return record.optuna_trial if record else None
-
     def ask(self, tune_trial_id: str) -> dict:
         """The config of Tune trial `tune_trial_id`: one Optuna trial, or a population of them."""
         if self.spec.resources.population > 1:
@@ -486,8 +476,7 @@ class _Driver:
 
     @staticmethod
     def _single_config(record: TrialRecord) -> dict:
-        config = {"number": record.number, "params": dict(record.cfg.params)}
-        return config if record.scale == 1 else {**config, "resources_scale": record.scale}
+        return Assignment([Member(record.number, dict(record.cfg.params))], resources_scale=record.scale).to_config()
 
     def _ask_one(self, fixed: Mapping[str, Any] | None = None) -> TrialRecord:
         """Ask Optuna for a trial (with `fixed` params enqueued first) and open its MLflow child run."""
@@ -527,83 +516,64 @@ class _Driver:
         for r in group:
             r.population = [m.number for m in group]
             r.optuna_trial.set_user_attr("population", r.population)
-        from dlsearch.backend.worker import MEMBERS_KEY
+        return Assignment([Member(r.number, dict(r.cfg.params)) for r in group],
+                          resources_scale=max(r.scale for r in group), population=tune_trial_id,
+                          board=self.board_name).to_config()
 
-        return {MEMBERS_KEY: [{"number": r.number, "params": dict(r.cfg.params)} for r in group],
-                "population": tune_trial_id, "board": self.board_name,
-                "resources_scale": max(r.scale for r in group)}
+    def on_result(self, tune_trial_id: str, result: Mapping[str, Any]) -> bool:
+        """A Tune result of a running trial, as Tune's scheduler sees it first; True: stop it now.
 
-    def on_result(self, tune_trial_id: str, result: Mapping[str, Any]) -> None:
-        if tune_trial_id in self.populations:
-            self._on_population_result(tune_trial_id, result)
-            return
+        An epoch (of a single trial, or of each member of a population) goes to `_on_epoch`;
+        a trial's last report is kept for `on_complete`. A population is never stopped by Tune:
+        the members to stop are posted to the board, which its worker waits for each epoch.
+        """
+        report = from_result(result)
+        node = {k: str(result[k]) for k in _NODE_KEYS if result.get(k)}  # Tune adds hostname and node_ip
+        members = self.populations.get(tune_trial_id)
+        if members is not None:
+            if isinstance(report, PopulationEnd):
+                for number, end in report.members.items():
+                    if number in members:
+                        members[number].final = end
+            elif isinstance(report, PopulationEpoch):
+                stop = [number for number, metrics in report.members.items()
+                        if number in members and self._on_epoch(members[number], report.epoch, metrics, node,
+                                                                 tune_trial_id)]
+                if self.board is not None:
+                    self.board.post.remote(tune_trial_id, report.epoch, stop)
+            return False
         record = self.records.get(tune_trial_id)
         if record is None:
-            return
-        from dlsearch.backend.worker import FINAL, METRICS_KEY
+            return False
+        if isinstance(report, TrialEnd):
+            record.node.update(node)
+            record.final = report
+            return False
+        if isinstance(report, EpochReport):
+            return self._on_epoch(record, report.epoch, report.metrics, node)
+        return False
 
-        # Tune adds hostname and node_ip to every result; the trial adds the Ray node id.
-        record.node.update({k: str(result[k]) for k in _NODE_KEYS if result.get(k)})
-        if result.get(FINAL):
-            record.final = dict(result)
-            return
-        epoch = int(result["epoch"])
+    def _on_epoch(self, record: TrialRecord, epoch: int, metrics: Mapping[str, Any], node: Mapping[str, str],
+                  population: str = "") -> bool:
+        """One epoch of one trial, taken once: its curve to MLflow, its objective to Optuna's pruner.
+        True: the trial is pruned (now, or earlier: a restarted worker repeats its epochs)."""
+        record.node.update(node)
+        if record.pruned_at is not None:
+            return True
         if epoch <= record.n_epochs:
-            return  # a worker restarted from an older checkpoint repeats an epoch already logged
+            return False  # a worker restarted from an older checkpoint repeats an epoch already logged
         record.n_epochs = epoch
         self.epochs_run += 1
-        # The names the trial reported (the built-in loop's, or any a custom trainable chose);
-        # the rest of the result is Tune's bookkeeping.
-        names = str(result.get(METRICS_KEY) or "").split(",")
-        metrics = {k: result[k] for k in names if isinstance(result.get(k), (int, float))}
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         self.tracker.log_epoch(record.run_id, epoch, metrics)
-        self.emit("epoch", {"number": record.number, "epoch": epoch, "metrics": metrics})
-
-    def _on_population_result(self, tune_trial_id: str, result: Mapping[str, Any]) -> None:
-        """A population's epoch: each member's curve and Optuna report; the members to stop go to
-        the board (always: the population's worker waits for it)."""
-        import json
-
-        from dlsearch.backend.worker import FINAL, MEMBERS_KEY
-
-        members = self.populations[tune_trial_id]
-        rows = json.loads(result.get(MEMBERS_KEY) or "[]")
-        if result.get(FINAL):
-            for row in rows:
-                if int(row["number"]) in members:
-                    members[int(row["number"])].final = row
-            return
-        epoch = int(result["epoch"])
-        stop = []
-        pruning = len(self.spec.objectives) == 1
-        metric = self.spec.objectives[0].metric
-        for row in rows:
-            record = members.get(int(row.pop("number")))
-            if record is None:
-                continue
-            record.node.update({k: str(result[k]) for k in _NODE_KEYS if result.get(k)})
-            if record.pruned_at is not None:
-                stop.append(record.number)  # a restarted population repeats its epochs: still stopped
-                continue
-            if epoch <= record.n_epochs:
-                continue
-            record.n_epochs = epoch
-            self.epochs_run += 1
-            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-            self.tracker.log_epoch(record.run_id, epoch, metrics)
-            if pruning and isinstance(metrics.get(metric), (int, float)) and math.isfinite(metrics[metric]):
-                record.optuna_trial.report(float(metrics[metric]), step=epoch)
-                if record.optuna_trial.should_prune():
-                    record.pruned_at = epoch
-                    stop.append(record.number)
-            self.emit("epoch", {"number": record.number, "epoch": epoch, "metrics": metrics, "population": tune_trial_id})
-        if self.board is not None:
-            self.board.post.remote(tune_trial_id, epoch, stop)
+        if self.pruning and should_prune(record.optuna_trial, metrics.get(self.metric), epoch):
+            record.pruned_at = epoch
+        info = {"number": record.number, "epoch": epoch, "metrics": metrics}
+        self.emit("epoch", {**info, "population": population} if population else info)
+        return record.pruned_at is not None
 
     def on_complete(self, tune_trial_id: str, checkpoint_dir: str | None) -> None:
         if tune_trial_id in self.populations:
-            from dlsearch.backend.worker import MEMBERS_DIR
-
             for record in self.populations.pop(tune_trial_id).values():
                 folder = str(Path(checkpoint_dir) / MEMBERS_DIR / str(record.number)) if checkpoint_dir else None
                 self._close_ended(record, record.pruned_at is not None, folder)
@@ -611,24 +581,24 @@ class _Driver:
         record = self.records.pop(tune_trial_id, None)
         if record is None:
             return
-        self._close_ended(record, tune_trial_id in getattr(self.scheduler, "pruned", {}), checkpoint_dir)
+        self._close_ended(record, record.pruned_at is not None, checkpoint_dir)
 
     def _close_ended(self, record: TrialRecord, pruned: bool, checkpoint_dir: str | None) -> None:
         """Close a trial that ended: pruned, else as its final report says."""
-        final = record.final or {}
-        if final.get("out_of_memory") and self._can_grow(record.scale):
+        final = record.final or TrialEnd.failed("the trial ended without a final report")
+        if final.out_of_memory and self._can_grow(record.scale):
             self._requeue_larger(record, final)
         elif pruned:
             self._close(record, TrialState.PRUNED, "", final, checkpoint_dir=checkpoint_dir)
-        elif final.get("state") == "COMPLETE":
-            values = [final.get(f"best.{o.metric}") for o in self.spec.objectives]
+        elif final.state == "COMPLETE":
+            values = [final.best_metrics.get(o.metric) for o in self.spec.objectives]
             if any(v is None or not math.isfinite(v) for v in values):
                 self._close(record, TrialState.FAIL, "the objective was never reported", final,
                             checkpoint_dir=checkpoint_dir)
             else:
                 self._close(record, TrialState.COMPLETE, "", final, values, checkpoint_dir)
         else:
-            reason = final.get("fail_reason") or "the trial ended without a final report"
+            reason = final.fail_reason or "the trial ended without a final report"
             self._close(record, TrialState.FAIL, reason, final, checkpoint_dir=checkpoint_dir)
 
     def _can_grow(self, scale: float) -> bool:
@@ -637,12 +607,12 @@ class _Driver:
         cpus, gpus, n_cpus = self.resources
         return (gpus > 0 and gpus * scale < 1) or (gpus == 0 and cpus * scale * 2 <= n_cpus)
 
-    def _requeue_larger(self, record: TrialRecord, final: Mapping[str, Any]) -> None:
+    def _requeue_larger(self, record: TrialRecord, final: TrialEnd) -> None:
         """A trial that ran out of memory: FAIL (not counted in the budget) and queued again with
         twice the resources, so that fewer trials share its node or GPU."""
         scale = record.scale * 2
         reason = (f"out of memory with {record.scale:g}x the per-trial resources; runs again with {scale:g}x "
-                  f"(fewer neighbours): {str(final.get('fail_reason') or '')[:300]}")
+                  f"(fewer neighbours): {final.fail_reason[:300]}")
         trial = record.optuna_trial
         trial.set_user_attr("fail_reason", reason)
         trial.set_user_attr("requeued", True)
@@ -658,7 +628,7 @@ class _Driver:
         records = list(self.populations.pop(tune_trial_id, {}).values())
         record = self.records.pop(tune_trial_id, None)
         for r in records + ([record] if record is not None else []):
-            self._close(r, TrialState.FAIL, reason, r.final or {}, checkpoint_dir=checkpoint_dir)
+            self._close(r, TrialState.FAIL, reason, r.final, checkpoint_dir=checkpoint_dir)
 
     def interrupt_running(self) -> None:
         """Close trials still running (stopped driver): FAIL `interrupted`, rerun on resume.
@@ -693,17 +663,15 @@ class _Driver:
         x, _ = first_samples(data, "test", 2)
         self.tracker.register_best(best.user_attrs["mlflow_run_id"], model, x.numpy())
 
-    def _close(self, record: TrialRecord, state: TrialState, reason: str, final: Mapping[str, Any],
+    def _close(self, record: TrialRecord, state: TrialState, reason: str, final: TrialEnd | None,
                values: list[float] | None = None, checkpoint_dir: str | None = None) -> None:
         trial = record.optuna_trial
         trial.set_user_attr("epochs_run", record.n_epochs)
         for key in ("test_accuracy", "test_loss", "epoch_time_s"):
-            if final.get(key) is not None:
-                trial.set_user_attr(key, final[key])
+            if final is not None and getattr(final, key) is not None:
+                trial.set_user_attr(key, getattr(final, key))
         if reason:
             trial.set_user_attr("fail_reason", reason)
-        from dlsearch.backend.worker import ARTIFACTS_DIR, BEST_FILE, LAST_FILE, MODEL_DIR
-
         model_dir = Path(checkpoint_dir) / MODEL_DIR if checkpoint_dir else None
         if state != TrialState.COMPLETE or model_dir is None or not model_dir.is_dir():
             model_dir = None
@@ -713,7 +681,7 @@ class _Driver:
         # Order matters for a driver killed at any moment: the curve, test metrics, tags and files
         # are in MLflow (one log_batch) before Optuna records the end, and the run's status after
         # it; a resume closes a child still RUNNING in MLflow as its Optuna trial says.
-        finals = {k.removeprefix("final."): v for k, v in final.items() if k.startswith("final.") and v is not None}
+        finals = {k: v for k, v in (final.final_metrics if final else {}).items() if v is not None}
         if finals:
             self.tracker.log_epoch(record.run_id, record.n_epochs, finals)
         if checkpoint_dir and (Path(checkpoint_dir) / ARTIFACTS_DIR).is_dir():
