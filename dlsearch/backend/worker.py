@@ -81,6 +81,11 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
         reporter.close()  # also when Tune stops a pruned trial (a SystemExit out of tune.report)
 
 
+def warm_up() -> None:
+    """Nothing: a Ray task that runs it has imported this module, so its worker process holds torch
+    and the training loop when Tune creates a trial's actor in it (see `tuner.runner._warm_workers`)."""
+
+
 def _run_population(assignment: Assignment, spec: StudySpec) -> None:
     """A Tune trial carrying several Optuna trials: trained as one stacked model (`train_population`).
 

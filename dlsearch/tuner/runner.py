@@ -14,6 +14,7 @@ import os
 import signal
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +109,16 @@ def run_study(
         fetch_checkpoint(ref, spec.tracking.uri, str(spec.path.parent) if spec.path else None)
     spec, _ = with_source_architecture(spec)  # fine-tune the source's depth and width, as logged with it
     emit = on_event or (lambda kind, info: None)
-    with _ray_for(spec, address, emit) as avoid, study_lock(spec):
-        return _run_locked(spec, started, trials, avoid, fresh, emit)
+    with study_lock(spec):
+        if _joins_cluster(address):
+            # The cluster's node checks may refuse the study (exit 2): before any store is written.
+            with _ray_for(spec, address, emit) as avoid:
+                return _run_opened(spec, _open_study(spec, trials, fresh), started, avoid, emit)
+        # A local Ray starts (and its workers import torch) while the stores and the parent run are made.
+        with ThreadPoolExecutor(1, thread_name_prefix="dlsearch-open") as pool:
+            opening = pool.submit(_open_study, spec, trials, fresh)
+            with _ray_for(spec, address, emit) as avoid:
+                return _run_opened(spec, opening.result(), started, avoid, emit)
 
 
 def _init_sources(spec: StudySpec) -> list[str]:
@@ -119,8 +128,20 @@ def _init_sources(spec: StudySpec) -> list[str]:
     return [r for r in refs if isinstance(r, str)]
 
 
-def _run_locked(spec: StudySpec, started: float, trials: int | None, avoid: list[str], fresh: bool,
-                on_event: Callable[[str, Mapping[str, Any]], None]) -> StudySummary:
+@dataclass
+class _Opened:
+    """The study's stores, opened for this run: its Optuna study (this version) and MLflow parent run."""
+
+    study: optuna.Study
+    tracker: MlflowTracker
+    budget: int
+    resumed: bool
+    fresh: bool
+    n_reopened: int  # trials a killed driver left RUNNING, closed and queued again
+
+
+def _open_study(spec: StudySpec, trials: int | None, fresh: bool) -> _Opened:
+    """Open (or create) the study's Optuna study and MLflow parent run; close what a killed driver left."""
     storage = open_storage(spec)
     versions = study_versions(spec, storage)
     version = versions[-1] if versions and not fresh else (
@@ -134,14 +155,20 @@ def _run_locked(spec: StudySpec, started: float, trials: int | None, avoid: list
     tracker = MlflowTracker(spec, version)
     tracker.open()
     tracker.reconcile_children(_trial_outcomes(study))
-    budget = trials or spec.budget.trials
+    return _Opened(study, tracker, trials or spec.budget.trials, resumed=bool(versions) and not fresh,
+                   fresh=fresh and bool(versions), n_reopened=n_reopened)
+
+
+def _run_opened(spec: StudySpec, opened: _Opened, started: float, avoid: list[str],
+                on_event: Callable[[str, Mapping[str, Any]], None]) -> StudySummary:
+    """Run the opened study to its budget on the Ray `_ray_for` connected to, then write its end."""
+    study, tracker, budget = opened.study, opened.tracker, opened.budget
     remaining = budget - len(_finished(study))
-    driver = _Driver(spec, study, tracker, on_event)
-    driver.failures = _failure_streak(study)
-    driver.emit("start", {"version": version, "budget": budget, "remaining": max(0, remaining),
-                          "resumed": bool(versions) and not fresh, "fresh": fresh and bool(versions),
+    driver = _Driver(spec, study, tracker, on_event, failures=_failure_streak(study))
+    driver.emit("start", {"version": study.study_name, "budget": budget, "remaining": max(0, remaining),
+                          "resumed": opened.resumed, "fresh": opened.fresh,
                           "rerun": len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))),
-                          "reopened": n_reopened, "finished": len(_finished(study))})
+                          "reopened": opened.n_reopened, "finished": len(_finished(study))})
     interrupted = False
     if remaining > 0:
         interrupted = _run_on_ray(spec, driver, remaining, avoid)
@@ -193,9 +220,11 @@ def _ray_for(spec: StudySpec, address: str | None, emit: Callable[[str, Mapping[
     import ray
 
     started = not ray.is_initialized()
-    cluster = started and address != "local" and bool(address or os.environ.get("RAY_ADDRESS"))
+    cluster = started and _joins_cluster(address)
     if started:
         _init_ray(address, runtime_env(spec) if cluster else None)
+        if not cluster:
+            _warm_workers(ray.cluster_resources().get("CPU", 1), spec.resources.cpus_per_trial)
     try:
         avoid: list[str] = []
         if cluster:
@@ -216,6 +245,27 @@ def _ray_for(spec: StudySpec, address: str | None, emit: Callable[[str, Mapping[
             ray.shutdown()
 
 
+def _joins_cluster(address: str | None) -> bool:
+    """Whether the run joins a Ray cluster (an address, or RAY_ADDRESS in a Ray job) rather than a
+    Ray of its own, or one the caller started."""
+    import ray
+
+    return not ray.is_initialized() and address != "local" and bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def _warm_workers(n_cpus: float, cpus_per_trial: float) -> None:
+    """Start as many Ray worker processes as trials can run at once, each importing what a trial
+    imports (torch, the loop), without waiting: Ray hands an idle worker to the next actor it
+    creates, so Tune's first trials start in a process that is ready."""
+    import ray
+
+    from dlsearch.backend.worker import warm_up
+
+    task = ray.remote(num_cpus=cpus_per_trial, max_retries=0)(warm_up)
+    for _ in range(max(1, int(n_cpus // cpus_per_trial))):
+        task.remote()
+
+
 def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[str]) -> bool:
     """Dispatch `n_trials` trials on the Ray `_ray_for` connected to, keeping them off the nodes in
     `avoid`; returns True if interrupted by a signal."""
@@ -228,12 +278,13 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[s
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cpus, gpus_per_trial, concurrency = _resources(spec, usable_resources(avoid))
+        board_name = ""
         if spec.resources.population > 1:
-            driver.board_name = f"dlsearch-prune-board-{os.getpid()}-{time.time_ns()}"
-            driver.board = ray.remote(num_cpus=0)(PruneBoard).options(name=driver.board_name).remote()
-        driver.to_ask = n_trials
+            board_name = f"dlsearch-prune-board-{os.getpid()}-{time.time_ns()}"
+            board = ray.remote(num_cpus=0)(PruneBoard).options(name=board_name).remote()
+        driver.dispatch(n_trials, (cpus, gpus_per_trial, usable_resources(avoid).get("CPU", 1)),
+                        board_name, board if board_name else None)
         code_paths = [str(p) for p in search_paths(spec.path.parent if spec.path else None)]
-        driver.resources = (cpus, gpus_per_trial, usable_resources(avoid).get("CPU", 1))
         trainable = tune.with_resources(  # a trial retried after running out of memory asks for more
             tune.with_parameters(run_trial, spec=for_workers(spec), code_paths=code_paths),
             functools.partial(_trial_resources, cpus, gpus_per_trial, tuple(avoid)),
@@ -433,7 +484,7 @@ class _Driver:
     """The driver-side state of a running study: asks, tells and tracking writes."""
 
     def __init__(self, spec: StudySpec, study: optuna.Study, tracker: MlflowTracker,
-                 emit: Callable[[str, Mapping[str, Any]], None]):
+                 emit: Callable[[str, Mapping[str, Any]], None], failures: tuple[str, int] = ("", 0)):
         self.spec = spec
         self.study = study
         self.tracker = tracker
@@ -445,7 +496,7 @@ class _Driver:
         self.epochs_run = 0
         self.n_interrupted = 0
         self.grid_done = False  # the sampler has nothing left to try (a finished grid)
-        self.to_ask = 0  # Optuna trials still to ask for this run (`_run_on_ray` sets it)
+        self.to_ask = 0  # Optuna trials still to ask for this run (`dispatch` sets it)
         self.resources: tuple[float, float, float] = (1, 0, 1)  # CPUs and GPUs per trial, the cluster's CPUs
         # Populations (resources.population > 1): Tune trial id -> its members by trial number;
         # asked trials waiting for a Tune trial of their own; the board their stops go through.
@@ -453,10 +504,18 @@ class _Driver:
         self.pending: list[list[TrialRecord]] = []
         self.board: Any = None
         self.board_name = ""
-        # The reason of the last trials to fail, and how many in a row failed with it; a stop
-        # decision once `resources.stop_after_identical_failures` of them did.
-        self.failures: tuple[str, int] = ("", 0)
+        # The reason of the last trials to fail, and how many in a row failed with it (a resumed
+        # study goes on counting); a stop decision once `resources.stop_after_identical_failures` did.
+        self.failures = failures
         self.stop_reason: str | None = None
+
+    def dispatch(self, n_trials: int, resources: tuple[float, float, float], board_name: str = "",
+                 board: Any = None) -> None:
+        """Before Tune starts: `n_trials` to ask, the per-trial CPUs and GPUs and the cluster's CPUs,
+        and the board a population's prune decisions go through (populations only)."""
+        self.to_ask = n_trials
+        self.resources = resources
+        self.board_name, self.board = board_name, board
 
     @property
     def exhausted(self) -> bool:
