@@ -22,7 +22,7 @@ RANK = {
 }
 # The one import against the ranks: the study file's checks ask Optuna whether a sampler's or
 # pruner's options are right (search/build.py imports only Optuna and nothing of dlsearch).
-ALLOWED_UP = {("config.spec", "search.build")}
+ALLOWED_UP = {("config.checks", "search.build")}
 # Heavy libraries a command that runs no trial must not import at the top of a module it reaches
 # (`validate`, `report`, `best`, `studies`, `ui` start in about a second).
 HEAVY = ("torch", "ray", "mlflow")

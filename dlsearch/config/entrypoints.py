@@ -27,6 +27,7 @@ import sys
 import sysconfig
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
 from dlsearch.errors import InputError
 
 # key -> the positional parameters the entry point is called with (named for error messages).

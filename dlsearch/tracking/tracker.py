@@ -30,6 +30,9 @@ from dlsearch.protocol import TrialEnd
 # Trial state -> MLflow run status. PRUNED is a normal end (Optuna counts it finished too).
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 _FLUSH_EVERY_S = 10.0
+# MLflow 3's UI opens an experiment of this kind on its training runs (not on the GenAI overview).
+_KIND_TAG = "mlflow.experimentKind"
+_KIND = {_KIND_TAG: "custom_model_development"}
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
@@ -68,12 +71,14 @@ class MlflowTracker:
             location = None if is_server(self.client.tracking_uri) else (
                 (Path(self.spec.tracking.artifacts).resolve() / self.spec.slug).as_uri())
             self.experiment_id = self.client.create_experiment(
-                self.spec.name, artifact_location=location, tags={"dlsearch.study": self.spec.name}
+                self.spec.name, artifact_location=location, tags={"dlsearch.study": self.spec.name, **_KIND}
             )
         else:
             self.experiment_id = experiment.experiment_id
             if experiment.lifecycle_stage == "deleted":
                 self.client.restore_experiment(self.experiment_id)
+            if experiment.tags.get(_KIND_TAG) != _KIND[_KIND_TAG]:  # a store written before dlsearch set it
+                self.client.set_experiment_tag(self.experiment_id, _KIND_TAG, _KIND[_KIND_TAG])
         found = self.find_parent()
         if found is not None:
             self.parent_run_id = found.info.run_id
@@ -133,7 +138,10 @@ class MlflowTracker:
             },
         )
         run_id = run.info.run_id
-        params = [Param(k, _param_value(v)) for k, v in cfg.flat().items()]
+        # A conditional key whose condition does not hold in this trial was never sampled: it is
+        # not this trial's param (MLflow's filters and parallel coordinates would show a value).
+        inactive = set(self.spec.search) - set(cfg.params)
+        params = [Param(k, _param_value(v)) for k, v in cfg.flat().items() if k not in inactive]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per call
             self.client.log_batch(run_id, params=params[i : i + 100])
         self.client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")

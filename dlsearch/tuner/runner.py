@@ -151,6 +151,9 @@ def _open_study(spec: StudySpec, trials: int | None, fresh: bool) -> _Opened:
         directions=directions(spec), load_if_exists=True,
     )
     study.set_user_attr("overrides", list(spec.overrides))  # `report` and `best` resolve configs the same way
+    names = [o.metric for o in spec.objectives]
+    if study.metric_names != names:  # optuna-dashboard then names the objective, not "Objective 0"
+        study.set_metric_names(names)
     n_reopened = _close_interrupted(study)
     tracker = MlflowTracker(spec, version)
     tracker.open()
