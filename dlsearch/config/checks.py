@@ -16,8 +16,10 @@ from typing import Any, Union, get_args, get_origin
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from dlsearch.config.schema import (
+    CONFIG_KEYS,
     IMAGE_DATASETS,
     IMAGE_SIDES,
+    PLAIN_KEY,
     REPORTED_METRICS,
     SEARCHABLE_SECTIONS,
     SEQUENCE_KINDS,
@@ -143,7 +145,7 @@ def _check_optuna_sections(raw: dict) -> list[str]:
         pruner = PrunerSpec.model_validate(raw.get("pruner", {"n_startup_trials": 5, "n_warmup_steps": 2}))
     except ValidationError:
         return []  # already reported
-    return _optuna_problems(sampler, pruner)
+    return _optuna_problems(sampler, pruner, None)
 
 
 def _format_pydantic(err: dict) -> str:
@@ -226,13 +228,23 @@ def _check_search(raw: dict, spec: StudySpec | None) -> list[str]:
         return problems
     adapter = TypeAdapter(SearchDim)
     dims: dict[str, Any] = {}
+    if spec is not None and not search:
+        problems.append("search: nothing to search (got {}); give at least one dimension, or run the fixed "
+                        "values once with `dlsearch train STUDY`")
+    plain = raw.get("trainable") is not None  # a trainable's own keys may be plain names, as in Optuna
     for key, dim_raw in search.items():
         where = f"search.{key}"
-        if not _path_exists(str(key), raw):
+        if plain and PLAIN_KEY.match(str(key)):
+            if key in CONFIG_KEYS:
+                problems.append(f"{where}: {key!r} is a key of the config a trainable gets; name the dimension "
+                                f"otherwise (config holds {', '.join(CONFIG_KEYS)})")
+                continue
+        elif not _path_exists(str(key), raw):
             hint = difflib.get_close_matches(str(key), _all_paths(), n=1, cutoff=0.6)
             problems.append(
                 f"{where}: points at nothing; a search key is a dotted path into data, model or train"
                 + (f" (did you mean {hint[0]}?)" if hint else "")
+                + ("; a plain name is a search key of a study with a trainable" if PLAIN_KEY.match(str(key)) else "")
             )
             continue
         try:
@@ -394,14 +406,17 @@ def _check_rest(spec: StudySpec) -> list[str]:
             if isinstance(dim, FloatDim) and dim.step is None:
                 out.append(f"search.{key}.step: the grid sampler needs every float dimension stepped "
                            "(or categorical)")
-    out += _optuna_problems(spec.sampler, spec.pruner)
+    said = any(line.startswith(("sampler", "pruner")) for line in out)  # one line per mistake, not two
+    out += _optuna_problems(spec.sampler, spec.pruner, None if said else spec)
     return out
 
 
-def _optuna_problems(sampler: SamplerSpec, pruner: PrunerSpec) -> list[str]:
-    """Optuna's own word on the sampler's and pruner's options, on their keys' paths."""
+def _optuna_problems(sampler: SamplerSpec, pruner: PrunerSpec, spec: StudySpec | None) -> list[str]:
+    """Optuna's own word on the sampler's and pruner's options, on their keys' paths; with a valid
+    study, both are also used as its run would use them (its directions, its epoch range)."""
+    directions = [o.direction for o in spec.objectives] if spec is not None else None
     return check_optuna_options(sampler.type, dict(sampler.model_extra or {}), pruner.type,
-                                dict(pruner.model_extra or {}))
+                                dict(pruner.model_extra or {}), directions, spec.train.epochs if spec else 3)
 
 
 def _check_practice(spec: StudySpec) -> list[str]:

@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from dlsearch.config.yaml_loader import _StudyLoader
+from dlsearch.config.schema import SpecError
+from dlsearch.config.yaml_loader import load_yaml
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], problems: list[str]) -> dict:
@@ -24,9 +25,12 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], problems:
             problems.append(f"--set {item}: expected PATH=VALUE, e.g. train.epochs=3")
             continue
         try:
-            value = yaml.load(text, Loader=_StudyLoader) if text.strip() else None  # noqa: S506
+            value = load_yaml(text, f"--set {item}") if text.strip() else None
         except yaml.YAMLError as err:
             problems.append(f"--set {path}: cannot parse the value {text!r} ({str(err).splitlines()[0]})")
+            continue
+        except SpecError as err:  # a value past the loader's bounds
+            problems += err.problems
             continue
         parts = path.split(".")
         if parts[0] == "search" and len(parts) > 1:

@@ -15,52 +15,26 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from dlsearch.errors import InputError
 
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic", "csv", "custom")
-
-
 IMAGE_DATASETS = ("mnist", "fashion_mnist", "digits")
-
-
 MODEL_KINDS = ("mlp", "cnn", "lstm", "gru", "transformer", "custom")
-
-
 SEQUENCE_KINDS = ("lstm", "gru", "transformer")  # read an image row by row (or patch by patch)
-
-
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh", "sigmoid")
-
-
 NORMS = ("none", "batch", "layer")
-
-
 INITS = ("kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "orthogonal", "default")
-
-
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-
-
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
-
-
 LOSSES = ("auto", "cross_entropy", "bce")
-
-
 IMAGE_SIDES = {"mnist": 28, "fashion_mnist": 28, "digits": 8}  # height = width of the built-in image datasets
-
-
 SAMPLERS = ("random", "grid", "tpe", "cmaes", "gp", "qmc", "nsga2")
-
-
 PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "patient", "threshold", "wilcoxon")
 # What the built-in loop reports every epoch; any of them can be the objective.
-
-
 REPORTED_METRICS = (
     "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s", "generalization_gap",
 )
-
-
 SEARCHABLE_SECTIONS = ("data", "model", "train")
-
+# The top-level keys of the config a custom trainable gets: a plain search key may not take one of these names.
+CONFIG_KEYS = ("study", "number", "seed", "data_seed", "data", "model", "train", "objective", "params", "trainable")
+PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # a trainable's own search key: `x`, as in Optuna or Ray Tune
 
 Scalar = Union[bool, int, float, str, None]
 
@@ -267,6 +241,14 @@ class StudySpec(_Section):
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()
     trainable: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trainable_needs_no_data(cls, data: Any) -> Any:
+        # A trainable brings its own data: the data section is configuration it may read, or nothing.
+        if isinstance(data, dict) and data.get("trainable") is not None and "data" not in data:
+            return {**data, "data": {"dataset": "custom"}}
+        return data
 
     _path: Path | None = PrivateAttr(default=None)
     _text: str = PrivateAttr(default="")

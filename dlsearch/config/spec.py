@@ -52,18 +52,13 @@ from dlsearch.config.schema import (  # noqa: F401
     TrackingSpec,
     TrainSpec,
 )
-from dlsearch.config.yaml_loader import parse_yaml  # noqa: F401
+from dlsearch.config.yaml_loader import parse_yaml, read_study_text
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
     """Read, override and validate a study file; raise SpecError with every problem."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError([f"{path}: no such study file"]) from None
-    except OSError as err:
-        raise SpecError([f"{path}: cannot read the study file ({err.strerror})"]) from None
+    text = read_study_text(path)
     raw = parse_yaml(text, str(path))
     spec = spec_from_dict(raw, overrides, source=str(path), base_dir=path.resolve().parent)
     spec._path = path.resolve()

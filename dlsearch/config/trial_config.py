@@ -30,6 +30,7 @@ class TrialConfig:
     objectives: tuple[ObjectiveSpec, ...]
     params: Mapping[str, Any] = field(default_factory=dict)
     trainable: str | None = None
+    own: Mapping[str, Any] = field(default_factory=dict)  # a trainable's plain search keys: config["x"]
     base_dir: str | None = None  # the study file's folder, for resolving user code
 
     @property
@@ -50,6 +51,7 @@ class TrialConfig:
             "objective": [o.model_dump() for o in self.objectives],
             "params": dict(self.params),
             "trainable": self.trainable,
+            **self.own,
         }
 
     def flat(self) -> dict[str, Any]:
@@ -57,7 +59,7 @@ class TrialConfig:
         out: dict[str, Any] = {"seed": self.seed}
         for section in ("data", "model", "train"):
             _flatten(_dump(getattr(self, section)), section, out)
-        return out
+        return {**out, **self.own}
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -68,7 +70,11 @@ def trial_seed(study_seed: int, number: int) -> int:
 def trial_config(spec: StudySpec, params: Mapping[str, Any], number: int = 0) -> TrialConfig:
     """Merge sampled `params` ({dotted path: value}) into the study's fixed values."""
     sections = {name: _dump(getattr(spec, name)) for name in ("data", "model", "train")}
+    own = {}
     for path, value in params.items():
+        if "." not in path:  # a trainable's plain key (validation allows them only there)
+            own[path] = value
+            continue
         section, *inner = path.split(".")
         node = sections[section]
         for part in inner[:-1]:
@@ -85,6 +91,7 @@ def trial_config(spec: StudySpec, params: Mapping[str, Any], number: int = 0) ->
         objectives=spec.objectives,
         params=dict(params),
         trainable=spec.trainable,
+        own=own,
         base_dir=str(spec.path.parent) if spec.path else None,
     )
 

@@ -48,11 +48,21 @@ def pruner_from(kind: str, kwargs: dict[str, Any]) -> optuna.pruners.BasePruner:
 
 
 def check_optuna_options(sampler: str, sampler_kwargs: dict[str, Any], pruner: str,
-                         pruner_kwargs: dict[str, Any]) -> list[str]:
-    """Problems with the sampler's and pruner's extra keys, as `sampler.KEY: ...` lines."""
+                         pruner_kwargs: dict[str, Any], directions: list[str] | None = None,
+                         n_epochs: int = 3) -> list[str]:
+    """Problems with the sampler's and pruner's options, as `sampler.KEY: ...` lines: Optuna's word.
+
+    Unknown keys are named with a "did you mean"; then both are built and, with the study's
+    `directions`, used as a run would use them: a few trials asked, each reporting `n_epochs`
+    steps to the pruner. An option of the right name but a wrong value or type (a `max_resource`
+    of 0, a `n_startup_trials` that is not an integer) fails here, on its key, not in a run.
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # building one is a check here
-        return _check_options(sampler, dict(sampler_kwargs), pruner, dict(pruner_kwargs))
+        warnings.simplefilter("ignore")  # building and using them is a check here, not a study
+        problems = _check_options(sampler, dict(sampler_kwargs), pruner, dict(pruner_kwargs))
+        if problems or directions is None:
+            return problems
+        return _check_in_use(sampler, dict(sampler_kwargs), pruner, dict(pruner_kwargs), directions, n_epochs)
 
 
 def _check_options(sampler: str, kwargs: dict[str, Any], pruner: str, pruner_kwargs: dict[str, Any]) -> list[str]:
@@ -69,6 +79,56 @@ def _check_options(sampler: str, kwargs: dict[str, Any], pruner: str, pruner_kwa
 
 
 # ---------------------------------------------------------------- helpers
+
+
+_PROBE_TRIALS = 3  # enough for every sampler's and pruner's first decisions to run their own code
+
+
+def _check_in_use(sampler: str, kwargs: dict[str, Any], pruner: str, pruner_kwargs: dict[str, Any],
+                  directions: list[str], n_epochs: int) -> list[str]:
+    """Use the sampler (beside no pruner) and the pruner (beside a random sampler) in tiny in-memory
+    studies; each complaint of Optuna's on the first key whose value alone still brings it."""
+    problems = []
+    # The grid's options are its space, built from `search` (and checked there).
+    error = None if sampler == "grid" else _probe(sampler, kwargs, "none", {}, directions, n_epochs)
+    if error is not None:
+        key = next((k for k in kwargs if _probe(sampler, {k: kwargs[k]}, "none", {}, directions, n_epochs)), None)
+        problems.append(f"sampler.{key}: {error} (got {kwargs[key]!r})" if key else f"sampler: {error}")
+    error = _probe("random", {}, pruner, pruner_kwargs, directions, n_epochs)
+    if error is not None:
+        base = _REQUIRED.get(pruner, {})
+        key = next((k for k in pruner_kwargs
+                    if _probe("random", {}, pruner, {**base, k: pruner_kwargs[k]}, directions, n_epochs)), None)
+        problems.append(f"pruner.{key}: {error} (got {pruner_kwargs[key]!r})" if key else f"pruner: {error}")
+    return problems
+
+
+_REQUIRED = {"percentile": {"percentile": 50.0}, "patient": {"patience": 1}}  # options a pruner cannot go without
+
+
+def _probe(sampler: str, kwargs: dict[str, Any], pruner: str, pruner_kwargs: dict[str, Any],
+           directions: list[str], n_epochs: int) -> str | None:
+    """Optuna's complaint when a study with these uses them, or None."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line per probe
+    try:
+        study = optuna.create_study(
+            sampler=sampler_from(sampler, kwargs, seed=0),
+            pruner=pruner_from(pruner, pruner_kwargs), directions=directions)
+        for _ in range(_PROBE_TRIALS):
+            trial = study.ask()
+            x = trial.suggest_float("x", 0.0, 1.0)
+            if len(directions) == 1:
+                for step in range(1, max(1, n_epochs) + 1):
+                    trial.report(x * step, step=step)
+                    if trial.should_prune():
+                        break
+            study.tell(trial, [x] * len(directions))
+    except Exception as err:  # noqa: BLE001 - Optuna's own message is the best explanation
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return None
 
 
 def _constructs(cls: type, kwargs: dict[str, Any]) -> bool:
