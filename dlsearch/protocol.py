@@ -114,10 +114,11 @@ class TrialEnd:
     epoch_time_s: float | None = None  # the median epoch's
     best_metrics: dict[str, float] = field(default_factory=dict)  # the best epoch's (the trial's value)
     final_metrics: dict[str, float] = field(default_factory=dict)  # returned by a custom trainable at its end
+    traceback: str = ""  # where an exception of the user's own code came from (MLflow's fail-reason tag)
 
     @classmethod
-    def failed(cls, reason: str, out_of_memory: bool = False) -> TrialEnd:
-        return cls(state="FAIL", fail_reason=reason[:500], out_of_memory=out_of_memory)
+    def failed(cls, reason: str, out_of_memory: bool = False, traceback: str = "") -> TrialEnd:
+        return cls(state="FAIL", fail_reason=reason[:500], out_of_memory=out_of_memory, traceback=traceback[-4000:])
 
     @classmethod
     def of(cls, result: Any) -> TrialEnd:
@@ -140,12 +141,15 @@ class PopulationEnd:
 Report = Union[EpochReport, PopulationEpoch, TrialEnd, PopulationEnd]
 
 
-def to_result(report: Report, node_id: str = "") -> dict[str, Any]:
-    """A Tune result carrying `report` (and the Ray node it ran on)."""
-    result: dict[str, Any] = {REPORT_KEY: report, "node_id": node_id}
+def to_result(report: Report, place: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A Tune result carrying `report`, and where it ran (`Place.of`: the Ray node, the GPUs and share)."""
+    result: dict[str, Any] = {REPORT_KEY: report, **(place or {})}
     if isinstance(report, (EpochReport, PopulationEpoch)):
         result["epoch"] = report.epoch  # Tune's own view of progress
     return result
+
+
+PLACE_KEYS = ("node_id", "node_ip", "hostname", "gpu_ids", "gpu_share", "gpu_memory_fraction")  # Tune adds ip, host
 
 
 def from_result(result: Mapping[str, Any]) -> Report | None:

@@ -1,4 +1,4 @@
-"""Tests for dlsearch.data: IDX parsing, file lookup and download, splits, normalization, cache.
+"""Tests for dlsearch.trial.data: IDX parsing, file lookup and download, splits, normalization, cache.
 
 Every test runs with XDG_CACHE_HOME in a tmp folder, DLSEARCH_DATA_DIR unset and the
 download mirrors pointed at http://127.0.0.1:9/ (the discard port, where nothing listens),
@@ -21,15 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from dlsearch import data
-from dlsearch.trial.data import (
-    IDX_FILES,
-    DataError,
-    check_data_available,
-    find_idx_files,
-    load_data,
-    search_roots,
-)
+from dlsearch.trial import data
+from dlsearch.trial.bundles import _TENSOR_FIELDS
+from dlsearch.trial.data import DataError, load_data
+from dlsearch.trial.data_files import IDX_FILES, check_data_available, find_idx_files, search_roots
 from dlsearch.config.spec import DataSpec
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -327,7 +322,7 @@ def test_seeds_move_train_and_val_but_never_test(dataset: str) -> None:
     again = load_data(spec, seed=7)
     other = load_data(spec, seed=8)
     assert first is not again
-    for name in data._TENSOR_FIELDS:
+    for name in _TENSOR_FIELDS:
         assert torch.equal(getattr(first, name), getattr(again, name))
     assert not torch.equal(first.y_val, other.y_val)
     assert torch.equal(first.y_test, other.y_test)
@@ -427,7 +422,7 @@ def test_to_moves_every_tensor() -> None:
     bundle = load_data(DataSpec(dataset="digits"), seed=0)
     moved = bundle.to("meta")  # a device every machine has
     assert moved is not bundle and moved.n_classes == bundle.n_classes
-    assert all(getattr(moved, name).device.type == "meta" for name in data._TENSOR_FIELDS)
+    assert all(getattr(moved, name).device.type == "meta" for name in _TENSOR_FIELDS)
 
 
 def test_custom_factory_that_cannot_be_imported_is_a_data_error_naming_the_key() -> None:

@@ -1,4 +1,4 @@
-"""Tests for dlsearch.models and dlsearch.sequence_models: shapes, parameter counts, init
+"""Tests for dlsearch.trial.models and dlsearch.trial.sequence_models: shapes, parameter counts, init
 statistics, layers, and a short real-MNIST training run of every family."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for dlsearch.population: K trials trained as one stacked model.
+"""Tests for dlsearch.trial.population: K trials trained as one stacked model.
 
 The contract checked here: each member's curve is the curve `train_trial` gives the same
 config alone on the same batches (to float rounding), clipping, early stopping, divergence and

@@ -1,4 +1,4 @@
-"""Tests for dlsearch.practice, the training practice inside a trial: losses (label smoothing, one logit for two
+"""Tests for dlsearch.trial.practice, the training practice inside a trial: losses (label smoothing, one logit for two
 classes), gradient clipping by norm or value, image augmentation in training only, the overfit
 diagnostic, and the data options (resize, pad, shuffled labels) the transfer study and
 `dlsearch sanity` rely on. Small digits, synthetic and CSV problems on the CPU.
@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlsearch import train as train_module
-from dlsearch.config.trial_config import trial_config
-from dlsearch.trial.data import load_data
 from dlsearch.config.spec import AugmentSpec, DataSpec, SpecError, load_spec
+from dlsearch.config.trial_config import trial_config
+from dlsearch.protocol import TrialEnd
 from dlsearch.tracking.tracker import MlflowTracker
+from dlsearch.trial import train as train_module
+from dlsearch.trial.data import load_data
 from dlsearch.trial.practice import find_overfit_epoch, is_binary, loss_fn, make_augment, n_outputs
 from dlsearch.trial.train import train_trial
 from tests.studies import write_study
@@ -166,7 +167,7 @@ def test_an_overfitting_trial_reports_its_overfit_epoch_and_mlflow_tags_it(tmp_p
     tracker = MlflowTracker(spec, spec.name)
     tracker.open()
     run_id = tracker.start(trial_config(spec, {}, number=0))
-    tracker.end(run_id, "COMPLETE", final={"epochs_run": 25, "overfit_epoch": result.overfit_epoch})
+    tracker.end(run_id, "COMPLETE", final=TrialEnd.of(result))  # the trial's last report, as the driver gets it
     tags = tracker.client.get_run(run_id).data.tags
     assert tags["dlsearch.overfit_epoch"] == str(result.overfit_epoch)
 

@@ -1,4 +1,4 @@
-"""Tests for dlsearch.sanity: the playbook passes a healthy model, and each failure names its cause.
+"""Tests for dlsearch.trial.sanity: the playbook passes a healthy model, and each failure names its cause.
 
 All on scikit-learn's digits with the quickstart study's model, on the CPU.
 """
@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dlsearch import sanity
-from dlsearch import train as train_module
+from dlsearch.trial import sanity
+from dlsearch.trial import train as train_module
 from dlsearch.cli.commands import main
 from dlsearch.config.trial_config import TrialConfig, trial_config
 from dlsearch.trial.data import DataBundle, load_data

@@ -1,4 +1,4 @@
-"""Tests for dlsearch.search and dlsearch.config: define-by-run sampling, samplers, pruners, trial configs.
+"""Tests for dlsearch.search and dlsearch.config.trial_config: define-by-run sampling, samplers, pruners, trial configs.
 
 Everything runs on in-memory Optuna studies with seeded samplers and hand-told values: no training.
 """

@@ -1,4 +1,4 @@
-"""Tests for dlsearch.spec: the study file, its defaults, `--set` overrides and every validation rule.
+"""Tests for dlsearch.config (spec, schema, checks): the study file, its defaults, `--set` overrides and every validation rule.
 
 Error tests check the path and the rule in the message, not just that SpecError was raised:
 each problem is one line `path: what is wrong (got X)` (SPEC, "Bad input").

@@ -1,4 +1,4 @@
-"""Tests for dlsearch.train: the per-epoch contract, early stopping, divergence, schedules,
+"""Tests for dlsearch.trial.train: the per-epoch contract, early stopping, divergence, schedules,
 determinism, pruning, checkpoints and resume, and the `dlsearch train` command.
 
 Everything trains a small MLP on scikit-learn's digits (or the synthetic problem) on the CPU

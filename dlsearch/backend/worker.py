@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -31,8 +32,21 @@ from ray import tune
 from dlsearch.config.entrypoints import add_search_paths
 from dlsearch.config.spec import StudySpec
 from dlsearch.config.trial_config import trial_config
-from dlsearch.protocol import (ARTIFACTS_DIR, BEST_FILE, LAST_FILE, MEMBERS_DIR, MODEL_DIR, STATE_FILE, Assignment,
-                               EpochReport, PopulationEnd, PopulationEpoch, TrialEnd, to_result)
+from dlsearch.errors import DlsearchError
+from dlsearch.protocol import (
+    ARTIFACTS_DIR,
+    BEST_FILE,
+    LAST_FILE,
+    MEMBERS_DIR,
+    MODEL_DIR,
+    STATE_FILE,
+    Assignment,
+    EpochReport,
+    PopulationEnd,
+    PopulationEpoch,
+    TrialEnd,
+    to_result,
+)
 from dlsearch.trial.custom_trainable import run_custom_trainable
 from dlsearch.trial.data import load_data
 from dlsearch.trial.population import train_population
@@ -50,13 +64,13 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
     # the cores spend their time waiting for each other (worst for small sequence-model ops).
     assignment = Assignment.from_config(config)
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial * assignment.resources_scale)))
-    _cap_gpu_memory()
+    place = _place()
     if assignment.is_population:
-        _run_population(assignment, spec)
+        _run_population(assignment, spec, place)
         return
     member = assignment.members[0]
     cfg = trial_config(spec, member.params, member.number)
-    reporter = _TuneReporter()
+    reporter = _TuneReporter(place)
     try:
         resume = reporter.restore()
         try:
@@ -70,7 +84,12 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
                 data = load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)  # cached per worker
                 result = train_trial(cfg, data, reporter, resume=resume)
         except Exception as err:  # noqa: BLE001 - any error ends this trial as FAIL; the study goes on
-            reporter.final(TrialEnd.failed(_one_line(err), _out_of_memory(err)))
+            # dlsearch's own errors (a broken `report` contract, missing data) are one line; anything
+            # else keeps its traceback, in the worker's log and in the trial's MLflow run.
+            where = "" if isinstance(err, DlsearchError) else traceback.format_exc()
+            if where:
+                print(f"trial {member.number} failed:\n{where}", file=sys.stderr, flush=True)
+            reporter.final(TrialEnd.failed(_one_line(err), _out_of_memory(err), where))
             return
         complete = result.state == "COMPLETE"
         reporter.final(
@@ -86,7 +105,7 @@ def warm_up() -> None:
     and the training loop when Tune creates a trial's actor in it (see `tuner.runner._warm_workers`)."""
 
 
-def _run_population(assignment: Assignment, spec: StudySpec) -> None:
+def _run_population(assignment: Assignment, spec: StudySpec, place: Mapping[str, str]) -> None:
     """A Tune trial carrying several Optuna trials: trained as one stacked model (`train_population`).
 
     Each epoch goes out as ONE report (`PopulationEpoch`) holding every member's metrics; the
@@ -96,12 +115,11 @@ def _run_population(assignment: Assignment, spec: StudySpec) -> None:
     between epochs: a restarted worker trains it from the start (the driver skips epochs it has).
     """
     cfgs = [trial_config(spec, m.params, m.number) for m in assignment.members]
-    node_id = ray.get_runtime_context().get_node_id()
     board = ray.get_actor(assignment.board)
 
     def report_epoch(epoch: int, metrics: Mapping[int, Mapping[str, float]]) -> list[int]:
         members = {cfgs[i].number: dict(m) for i, m in metrics.items()}
-        tune.report(to_result(PopulationEpoch(epoch, members), node_id))
+        tune.report(to_result(PopulationEpoch(epoch, members), place))
         stop = set(ray.get(board.wait.remote(assignment.population, epoch)))
         return [i for i in metrics if cfgs[i].number in stop]
 
@@ -110,7 +128,7 @@ def _run_population(assignment: Assignment, spec: StudySpec) -> None:
         results = train_population(cfgs, data, report_epoch=report_epoch)
     except Exception as err:  # noqa: BLE001 - the population's members end as FAIL; the study goes on
         end = TrialEnd.failed(_one_line(err), _out_of_memory(err))
-        tune.report(to_result(PopulationEnd({c.number: end for c in cfgs}), node_id))
+        tune.report(to_result(PopulationEnd({c.number: end for c in cfgs}), place))
         return
     ends = PopulationEnd({cfg.number: TrialEnd.of(result) for cfg, result in zip(cfgs, results)})
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,20 +137,29 @@ def _run_population(assignment: Assignment, spec: StudySpec) -> None:
                 folder = Path(tmp) / MEMBERS_DIR / str(cfg.number) / MODEL_DIR
                 folder.mkdir(parents=True)
                 torch.save(result.best_state, folder / BEST_FILE)
-        result_row = to_result(ends, node_id)
+        result_row = to_result(ends, place)
         if any(Path(tmp).iterdir()):
             tune.report(result_row, checkpoint=tune.Checkpoint.from_directory(tmp))
         else:
             tune.report(result_row)
 
 
-def _cap_gpu_memory() -> None:
-    """A trial on a fraction of a GPU may allocate at most that fraction of its memory: one trial
-    that grows cannot take the memory of the others sharing the GPU (it runs out of memory itself,
-    and the driver runs it again with a larger share)."""
-    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
-    if 0 < share < 1 and torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(share)
+def _place() -> dict[str, str]:
+    """Where this trial runs: its Ray node, the GPUs Ray gave it and its share of them; and the
+    memory cap it sets. A trial on a fraction of a GPU may allocate at most that fraction of its
+    memory: one trial that grows cannot take the memory of the others sharing the GPU (it runs out
+    of memory itself, and the driver runs it again with a larger share). The cap is reported (tag
+    `dlsearch.gpu_memory_fraction`) whether or not CUDA is there to apply it."""
+    context = ray.get_runtime_context()
+    share = float(context.get_assigned_resources().get("GPU", 0.0))
+    place = {"node_id": context.get_node_id()}
+    if share > 0:
+        place.update(gpu_ids=",".join(str(i) for i in ray.get_gpu_ids()), gpu_share=f"{share:g}")
+    if 0 < share < 1:
+        place["gpu_memory_fraction"] = f"{share:g}"
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(share)
+    return place
 
 
 def _one_line(err: BaseException) -> str:
@@ -176,16 +203,15 @@ class PruneBoard:
 class _TuneReporter:
     """The report callable of a trial under Tune: epochs to the driver, checkpoints to Tune's storage."""
 
-    def __init__(self) -> None:
-        # Tune adds hostname and node_ip to each result; the Ray node id names the node for the driver.
-        self._node_id = ray.get_runtime_context().get_node_id()
+    def __init__(self, place: Mapping[str, str]) -> None:
+        self._place = dict(place)  # the Ray node and GPUs (Tune adds hostname and node_ip to each result)
         self._folder = Path(tempfile.mkdtemp(prefix="dlsearch-trial-"))
         self._state = self._folder / STATE_FILE  # the last resume state, carried into later checkpoints
         self._artifacts = self._folder / ARTIFACTS_DIR
         self._new_artifacts = False
 
     def __call__(self, epoch: int, metrics: Mapping[str, float], checkpoint: dict | None = None) -> None:
-        row = to_result(EpochReport(epoch, dict(metrics)), self._node_id)
+        row = to_result(EpochReport(epoch, dict(metrics)), self._place)
         if checkpoint is not None:
             tmp = self._state.with_suffix(".tmp")
             torch.save(checkpoint, tmp)
@@ -227,7 +253,7 @@ class _TuneReporter:
 
     def final(self, end: TrialEnd, model: Mapping[str, Any] | None = None) -> None:
         """The trial's last report; its checkpoint holds the model files and every logged artifact."""
-        result = to_result(end, self._node_id)
+        result = to_result(end, self._place)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             for name, obj in (model or {}).items():

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from typing import Any, Callable
 
 import click
+import yaml
 from rich.console import Console
 
 from dlsearch import __version__
-from dlsearch.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, DlsearchError, RunError
+from dlsearch.cli.mlflow_ui import serve_ui
+from dlsearch.cli.progress import EpochTable, StudyProgress, sparkline
+from dlsearch.config.spec import SpecError, StudySpec, TrackingSpec, load_spec, search_problems
+from dlsearch.config.stores import tracking_uri
+from dlsearch.config.trial_config import one_run_params, trial_config
+from dlsearch.errors import EXIT_FAILED, EXIT_INTERRUPTED, DlsearchError, RunError
+from dlsearch.report.leaderboard import IMPORTANCE_EVALUATOR, best_config, load_study, study_report
+from dlsearch.trial.data_files import check_data_available
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -75,11 +82,8 @@ def main() -> None:
 @_handles_errors
 def validate(study: str, overrides: tuple[str, ...]) -> None:
     """Check STUDY and print every problem at once (one line each, exit 2), or `ok` and a summary."""
-    from dlsearch.trial.data import check_data_available
-    from dlsearch.config.spec import SpecError, load_spec
-
     spec = load_spec(study, overrides)
-    problems = check_data_available(spec.data)
+    problems = search_problems(spec) + check_data_available(spec.data)
     if problems:
         raise SpecError(problems)
     click.echo(f"ok: {describe(spec)}")
@@ -87,17 +91,15 @@ def validate(study: str, overrides: tuple[str, ...]) -> None:
 
 def _trial_zero(spec: Any, console: Console) -> Any:
     """The config of a single in-process trial with the study's fixed values, its `init_from` fetched."""
-    from dlsearch.config.trial_config import trial_config
-
     if spec.model.init_from is None:
-        return trial_config(spec, {}, number=0)
-    from dlsearch.tracking.tracker import with_local_source, with_source_architecture  # MLflow: only when needed
+        return trial_config(spec, one_run_params(spec), number=0)
+    from dlsearch.tracking.tracker import with_local_source, with_source_architecture  # MLflow (~2 s): init_from only
 
     spec, changed = with_source_architecture(spec)
     if changed:
         shown = ", ".join(f"{k} {v}" for k, v in changed.items())
         console.print(f"model: {shown} (the architecture of {spec.model.init_from})", markup=False)
-    return with_local_source(trial_config(spec, {}, number=0), spec.tracking.uri)
+    return with_local_source(trial_config(spec, one_run_params(spec), number=0), spec.tracking.uri)
 
 
 @main.command()
@@ -114,10 +116,9 @@ def train(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
     state, epochs_run, best_epoch, best_metrics, test_accuracy, test_loss and
     the median epoch_time_s.
     """
+    from dlsearch.trial.custom_trainable import run_custom_trainable  # torch: only the commands that train import it
     from dlsearch.trial.data import load_data
-    from dlsearch.config.spec import load_spec
     from dlsearch.trial.train import train_trial
-    from dlsearch.cli.progress import EpochTable
 
     spec = load_spec(study, overrides)
     console = err_console if as_json else Console(highlight=False, soft_wrap=True)
@@ -125,8 +126,6 @@ def train(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
     data = None if cfg.trainable else load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)
     with EpochTable(console, title=f"{spec.name}: one trial, {cfg.train.epochs} epochs max") as table:
         if data is None:
-            from dlsearch.trial.custom_trainable import run_custom_trainable
-
             result = run_custom_trainable(
                 cfg, table.add, on_artifact=lambda path: err_console.print(f"artifact (not kept by train): {path}",
                                                                            markup=False))
@@ -155,10 +154,8 @@ def sanity(study: str, overrides: tuple[str, ...], samples: int, steps: int) -> 
     subset with regularization off, and a finite loss. Prints each check with
     the number behind it and the loss curve; exit 1 if any check fails.
     """
-    from dlsearch.trial.data import load_data
+    from dlsearch.trial.data import load_data  # torch: only the commands that train import it
     from dlsearch.trial.sanity import run_sanity
-    from dlsearch.config.spec import SpecError, load_spec
-    from dlsearch.cli.progress import sparkline
 
     spec = load_spec(study, overrides)
     if spec.trainable is not None:
@@ -233,10 +230,7 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
     resources.stop_after_identical_failures trials in a row failed with the same
     reason, 2 for bad input, 130 when stopped by Ctrl-C or SIGTERM after saving state.
     """
-    from dlsearch.trial.data import check_data_available
-    from dlsearch.tuner.runner import Interrupted, run_study
-    from dlsearch.config.spec import SpecError, load_spec
-    from dlsearch.cli.progress import StudyProgress
+    from dlsearch.tuner.runner import Interrupted, run_study  # Ray, torch, MLflow: seconds, only `run` needs them
 
     spec = load_spec(study, overrides)
     problems = check_data_available(spec.data)
@@ -280,33 +274,28 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
 def report(study: str, overrides: tuple[str, ...], top: int | None, fmt: str, as_json: bool) -> None:
     """Leaderboard of STUDY's trials (state, value, epochs run, params), parameter importances,
     and where the study's plots are."""
-    from dlsearch.report.leaderboard import importances, leaderboard, load_study
-    from dlsearch.config.spec import load_spec
-
-    spec, optuna_study = _study_as_run(study, overrides, load_spec, load_study)
-    table = leaderboard(optuna_study)
-    if top:
-        table = table.head(top)
-    imps = importances(optuna_study)
-    plots = _plot_paths(spec, optuna_study)
+    spec, optuna_study = _study_as_run(study, overrides)
+    found = study_report(spec, optuna_study)
+    table = found.leaderboard.head(top) if top else found.leaderboard
     if as_json or fmt == "json":
-        click.echo(json.dumps({"study": optuna_study.study_name, "trials": json.loads(table.to_json(orient="records")),
-                               "importances": imps, "plots": plots}, indent=2))
+        click.echo(json.dumps({"study": found.study_name, "trials": table.records(),
+                               "importances": found.importances, "plots": found.plots}, indent=2))
         return
     if fmt == "csv":
-        click.echo(table.to_csv(index=False), nl=False)
+        click.echo(table.csv(), nl=False)
         return
     if fmt == "markdown":
-        click.echo(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
+        click.echo(table.markdown())
     else:
-        _print_table(table, f"{optuna_study.study_name}: {len(optuna_study.trials)} trials")
-    if imps:
-        click.echo("\nparameter importances (fANOVA):")
-        for key, value in imps.items():
+        click.echo(f"{found.study_name}: {len(optuna_study.trials)} trials")
+        click.echo(table.text())
+    if found.importances:
+        click.echo(f"\nparameter importances ({IMPORTANCE_EVALUATOR}):")
+        for key, value in found.importances.items():
             click.echo(f"  {key:<28} {value:6.3f} {'#' * int(round(value * 40))}")
-    if plots:
+    if found.plots:
         click.echo("\nplots:")
-        for path in plots:
+        for path in found.plots:
             click.echo(f"  {path}")
 
 
@@ -318,12 +307,7 @@ def report(study: str, overrides: tuple[str, ...], top: int | None, fmt: str, as
 @_handles_errors
 def best(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """The best trial's full configuration, as YAML that a study file or --set can take."""
-    import yaml
-
-    from dlsearch.report.leaderboard import best_config, load_study
-    from dlsearch.config.spec import load_spec
-
-    spec, optuna_study = _study_as_run(study, overrides, load_spec, load_study)
+    spec, optuna_study = _study_as_run(study, overrides)
     try:
         found = best_config(spec, optuna_study)
     except ValueError:
@@ -348,21 +332,19 @@ def best(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @_debug_option
 @_handles_errors
 def ui(study: str | None, port: int, host: str, uri: str | None) -> None:
-    """Start the MLflow UI on STUDY's tracking store: parent run per study, child run per trial."""
-    from dlsearch.config.spec import TrackingSpec, load_spec
-    from dlsearch.config.stores import tracking_uri
+    """Start the MLflow UI on STUDY's tracking store: parent run per study, child run per trial.
 
+    Prints the UI's URL once it answers (a few seconds) and runs until Ctrl-C.
+    """
     tracking = load_spec(study).tracking if study else TrackingSpec()
     backend = tracking_uri(uri or tracking.uri)
     if backend.startswith(("http://", "https://")):
         click.echo(f"the study's tracking server serves its UI: open {backend} in a browser")
         return
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend, "--host", host, "--port", str(port)]
-    click.echo(f"MLflow UI on http://{host}:{port} (store {backend}); Ctrl-C stops it", err=True)
-    os.execv(sys.executable, cmd)  # become the server: signals reach it, no orphan is left behind
+    sys.exit(serve_ui(backend, host, port, out=Console(highlight=False, soft_wrap=True), progress=err_console))
 
 
-def _study_as_run(study: str, overrides: tuple[str, ...], load_spec: Callable, load_study: Callable) -> tuple:
+def _study_as_run(study: str, overrides: tuple[str, ...]) -> tuple[StudySpec, Any]:
     """The spec with the `--set` overrides the study was run with (then these), and its Optuna study."""
     spec = load_spec(study, overrides)
     try:
@@ -373,38 +355,3 @@ def _study_as_run(study: str, overrides: tuple[str, ...], load_spec: Callable, l
     if stored:
         spec = load_spec(study, stored + tuple(overrides))
     return spec, optuna_study
-
-
-def _plot_paths(spec: Any, optuna_study: Any) -> list[str]:
-    """Local paths of the plots logged on the study's parent run."""
-    from pathlib import Path
-
-    from dlsearch.report.leaderboard import PLOTS
-    from dlsearch.tracking.tracker import MlflowTracker
-
-    tracker = MlflowTracker(spec, optuna_study.study_name)
-    run = tracker.find_parent()
-    if run is None or not run.info.artifact_uri.startswith("file:"):
-        return []
-    from urllib.parse import unquote, urlparse
-
-    folder = Path(unquote(urlparse(run.info.artifact_uri).path))
-    return [str(folder / name) for name in PLOTS if (folder / name).exists()]
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _print_table(table: Any, title: str) -> None:
-    """The leaderboard as aligned text; params lose their `params.` prefix, floats get 4 digits."""
-    shown = table.rename(columns=lambda c: str(c).removeprefix("params."))
-    reasons = shown.pop("fail_reason") if "fail_reason" in shown else None
-    if reasons is not None and reasons.astype(bool).any():
-        shown["fail_reason"] = reasons  # last: it is the widest column
-    click.echo(title)
-    click.echo(shown.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))

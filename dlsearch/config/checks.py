@@ -62,6 +62,14 @@ def problems_of(raw: dict, spec: StudySpec, base_dir: str | Path | None) -> list
     return _check_search(raw, spec) + _check_rest(spec) + _check_entry_points(raw, base_dir)
 
 
+def search_problems(spec: StudySpec) -> list[str]:
+    """What stops a study from being searched (`validate`, `run`), though `train` can run it once."""
+    if not spec.search:
+        return ["search: nothing to search (got {}); give at least one dimension, or run the fixed values once "
+                "with `dlsearch train STUDY`"]
+    return []
+
+
 def dedupe(problems: list[str]) -> list[str]:
     """The problems in order, each once."""
     return _dedupe(problems)
@@ -228,9 +236,6 @@ def _check_search(raw: dict, spec: StudySpec | None) -> list[str]:
         return problems
     adapter = TypeAdapter(SearchDim)
     dims: dict[str, Any] = {}
-    if spec is not None and not search:
-        problems.append("search: nothing to search (got {}); give at least one dimension, or run the fixed "
-                        "values once with `dlsearch train STUDY`")
     plain = raw.get("trainable") is not None  # a trainable's own keys may be plain names, as in Optuna
     for key, dim_raw in search.items():
         where = f"search.{key}"

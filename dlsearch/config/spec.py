@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dlsearch.config.checks import dedupe, problems_of, problems_with_schema_errors, unknown_keys
+from dlsearch.config.checks import (dedupe, problems_of, problems_with_schema_errors, search_problems,  # noqa: F401
+                                    unknown_keys)
 from dlsearch.config.overrides import apply_overrides
 
 # The study's types, re-exported: the rest of dlsearch imports them from here.

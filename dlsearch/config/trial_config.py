@@ -7,13 +7,14 @@ dotted paths the study file, `--set` and error messages use.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 from pydantic import BaseModel
 
-from dlsearch.config.spec import DataSpec, ModelSpec, ObjectiveSpec, StudySpec, TrainSpec
+from dlsearch.config.spec import CategoricalDim, DataSpec, IntDim, ModelSpec, ObjectiveSpec, StudySpec, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,32 @@ def trial_config(spec: StudySpec, params: Mapping[str, Any], number: int = 0) ->
         own=own,
         base_dir=str(spec.path.parent) if spec.path else None,
     )
+
+
+def one_run_params(spec: StudySpec) -> dict[str, Any]:
+    """The values `dlsearch train` gives a trainable's plain search keys, which have no fixed value in
+    a section: the middle of the range (the geometric middle with `log: true`; an int rounded down
+    to its step), or the first choice. A plain key whose `when:` condition does not hold is left out."""
+    values: dict[str, Any] = {}
+    for key, dim in spec.search.items():
+        if "." in key:
+            continue
+        if isinstance(dim, CategoricalDim):
+            values[key] = dim.choices[0]
+            continue
+        middle = math.sqrt(dim.low * dim.high) if dim.log else (dim.low + dim.high) / 2
+        if isinstance(dim, IntDim):
+            middle = dim.low + int((middle - dim.low) // dim.step) * dim.step
+        values[key] = middle
+    return {k: v for k, v in values.items() if _holds(spec.search[k].when or {}, values, spec)}
+
+
+def _holds(when: Mapping[str, Any], values: Mapping[str, Any], spec: StudySpec) -> bool:
+    for path, expected in when.items():
+        value = values[path] if path in values else spec.fixed_value(path)
+        if value not in (expected if isinstance(expected, list) else [expected]):
+            return False
+    return True
 
 
 def _dump(section: BaseModel) -> dict[str, Any]:

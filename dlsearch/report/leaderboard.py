@@ -1,32 +1,108 @@
 """A study's results for people: the leaderboard, parameter importances, plots, the best config.
 
-Everything here reads the Optuna storage (the source of truth for trial
-states and values); nothing here writes to it.
+Everything here reads the Optuna storage (the source of truth for trial states and values)
+and, for what a run logged when it ended, the MLflow store; nothing here writes to either.
+`dlsearch report` and `best` load only Optuna: MLflow, matplotlib and scikit-learn (behind
+Optuna's importance module) take seconds to import and are loaded only where needed.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import optuna
-import pandas as pd
 from optuna.trial import TrialState
 
-from dlsearch.config.trial_config import trial_config
 from dlsearch.config.spec import StudySpec
+from dlsearch.config.trial_config import trial_config
+from dlsearch.search.storage import open_storage, study_versions
 
 PLOTS = ("optimization_history.png", "param_importances.png", "learning_curves.png", "parallel_coordinates.png")
+IMPORTANCE_EVALUATOR = "PED-ANOVA"  # the evaluator `importances` asks Optuna for (see _evaluator)
+# The Optuna study's user attribute holding its MLflow parent run's artifact URI (set by the driver).
+ARTIFACT_URI_ATTR = "mlflow_artifact_uri"
 _STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4}
+_PARAM_PREFIX = "params."
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    """One row per trial, best first; columns `number, state, value (value_<i> for several objectives),
+    epochs, test_accuracy, duration_s, fail_reason`, then `params.<path>` per searched key (None where
+    a trial has no value, e.g. a conditional key whose condition did not hold)."""
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+    def head(self, n: int) -> Leaderboard:
+        return Leaderboard(self.columns, self.rows[:n])
+
+    def records(self) -> list[dict[str, Any]]:
+        """The rows as dicts for JSON (non-finite numbers become None)."""
+        return [{c: _json_value(v) for c, v in zip(self.columns, row)} for row in self.rows]
+
+    def csv(self) -> str:
+        """Every column, params with their `params.` prefix; empty cells for None."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.columns)
+        writer.writerows(["" if v is None else v for v in row] for row in self.rows)
+        return out.getvalue()
+
+    def text(self) -> str:
+        """Aligned columns for a terminal: numbers right-aligned with 4 significant digits."""
+        columns, cells, numeric = self._display()
+        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+
+        def line(values: list[str]) -> str:
+            return "  ".join(v.rjust(w) if num else v.ljust(w)
+                             for v, w, num in zip(values, widths, numeric)).rstrip()
+
+        return "\n".join([line(columns)] + [line(row) for row in cells])
+
+    def markdown(self) -> str:
+        """A Markdown (pipe) table of the same columns and cells as `text`."""
+        columns, cells, numeric = self._display()
+
+        def line(values: list[str]) -> str:
+            return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
+
+        return "\n".join([line(columns), line(["---:" if num else ":---" for num in numeric])]
+                         + [line(row) for row in cells])
+
+    def _display(self) -> tuple[list[str], list[list[str]], list[bool]]:
+        """Columns without the `params.` prefix and with fail_reason last (the widest; left out when empty),
+        the cells as text, and which columns hold numbers."""
+        order = [i for i, c in enumerate(self.columns) if c != "fail_reason"]
+        if "fail_reason" in self.columns:
+            reason = self.columns.index("fail_reason")
+            order += [reason] if any(row[reason] for row in self.rows) else []
+        columns = [self.columns[i].removeprefix(_PARAM_PREFIX) for i in order]
+        cells = [[_cell(row[i]) for i in order] for row in self.rows]
+        numeric = [all(_is_number(row[i]) for row in self.rows if row[i] is not None) for i in order]
+        return columns, cells, numeric
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    """What `dlsearch report` shows: the leaderboard, parameter importances and the plots' paths."""
+
+    study_name: str
+    leaderboard: Leaderboard
+    importances: dict[str, float]
+    plots: list[str]
 
 
 def load_study(spec: StudySpec) -> optuna.Study:
     """The newest version of the study in its Optuna storage; SpecError-free KeyError if absent."""
-    from dlsearch.search.storage import open_storage, study_versions
-
     storage = open_storage(spec)
     versions = study_versions(spec, storage)
     if not versions:
@@ -34,43 +110,86 @@ def load_study(spec: StudySpec) -> optuna.Study:
     return optuna.load_study(study_name=versions[-1], storage=storage)
 
 
-def leaderboard(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, value(s), epochs run, test accuracy, params; best first."""
+def study_report(spec: StudySpec, study: optuna.Study) -> StudyReport:
+    """The leaderboard, importances (those the run logged when the study has not changed since) and plots."""
+    table = leaderboard(study)
+    logged = logged_artifacts(spec, study)
+    return StudyReport(study.study_name, table, current_importances(study, table, logged), plot_paths(logged))
+
+
+def leaderboard(study: optuna.Study) -> Leaderboard:
+    """Every trial of `study`, best first: complete, then pruned, failed, running, waiting; by value within each."""
     maximize = [d == optuna.study.StudyDirection.MAXIMIZE for d in study.directions]
-    rows = []
+    value_columns = ["value"] if len(maximize) == 1 else [f"value_{i}" for i in range(len(maximize))]
+    records = []
     for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
-        values = t.values or [None] * len(maximize)
-        if len(maximize) == 1:
-            row["value"] = values[0]
-        else:
-            row.update({f"value_{i}": v for i, v in enumerate(values)})
-        row["epochs"] = t.user_attrs.get("epochs_run", len(t.intermediate_values))
-        row["test_accuracy"] = t.user_attrs.get("test_accuracy")
-        row["duration_s"] = t.duration.total_seconds() if t.duration else None
-        row["fail_reason"] = t.user_attrs.get("fail_reason", "")
-        row.update({f"params.{k}": v for k, v in t.params.items()})
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
-    value_col = "value" if "value" in df else "value_0"
-    df["_order"] = df["state"].map(_STATE_ORDER).fillna(9)
-    df = df.sort_values(["_order", value_col], ascending=[True, not maximize[0]], na_position="last")
-    return df.drop(columns="_order").reset_index(drop=True)
+        record: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        record.update(zip(value_columns, t.values or [None] * len(maximize)))
+        record["epochs"] = t.user_attrs.get("epochs_run", len(t.intermediate_values))
+        record["test_accuracy"] = t.user_attrs.get("test_accuracy")
+        record["duration_s"] = t.duration.total_seconds() if t.duration else None
+        record["fail_reason"] = t.user_attrs.get("fail_reason", "")
+        record.update({f"{_PARAM_PREFIX}{k}": v for k, v in t.params.items()})
+        records.append(record)
+    if not records:
+        return Leaderboard((), ())
+
+    def rank(record: dict[str, Any]) -> tuple[int, bool, float]:
+        value = record[value_columns[0]]
+        missing = value is None or math.isnan(value)
+        return _STATE_ORDER.get(record["state"], 9), missing, 0.0 if missing else (-value if maximize[0] else value)
+
+    records.sort(key=rank)  # stable: trials of equal rank stay in number order
+    columns = tuple(dict.fromkeys(c for record in records for c in record))
+    return Leaderboard(columns, tuple(tuple(record.get(c) for c in columns) for record in records))
 
 
 def importances(study: optuna.Study) -> dict[str, float]:
-    """Optuna's parameter importances (fANOVA) over complete trials; empty when too few."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    """Optuna's parameter importances (PED-ANOVA) over complete trials; empty when too few."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2 or len(study.directions) > 1:
         return {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return dict(optuna.importance.get_param_importances(study))
+            return dict(optuna.importance.get_param_importances(study, evaluator=_evaluator()))
     except (RuntimeError, ValueError):
         return {}  # e.g. every complete trial has the same params
+
+
+def current_importances(study: optuna.Study, table: Leaderboard, logged: Path | None) -> dict[str, float]:
+    """`importances(study)`, read from the importances.json that the run logged in `logged` when it ended
+    if the leaderboard.csv logged beside it equals `table` (no trial changed since), else computed.
+
+    Reading them back saves `report` about 1.5 s: Optuna's importance module imports scikit-learn
+    (for fANOVA) even to run PED-ANOVA. The numbers are the same: PED-ANOVA is deterministic.
+    """
+    if logged is not None:
+        try:
+            if (logged / "leaderboard.csv").read_text() == table.csv():
+                stored = json.loads((logged / "importances.json").read_text())
+                return {str(k): float(v) for k, v in stored.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # missing or not what write_study_artifacts writes: compute them
+    return importances(study)
+
+
+def logged_artifacts(spec: StudySpec, study: optuna.Study) -> Path | None:
+    """The local folder of the artifacts on this study version's MLflow parent run (the study file, and
+    what a run logs when it ends: leaderboard.csv, importances.json, the plots), or None: no parent run
+    yet, or its artifacts live on a tracking server."""
+    uri = _parent_artifact_uri(spec, study)
+    if uri is None or not uri.startswith("file:"):
+        return None
+    folder = Path(unquote(urlparse(uri).path))
+    return folder if folder.is_dir() else None
+
+
+def plot_paths(logged: Path | None) -> list[str]:
+    """The paths of the plots in `logged` (see `logged_artifacts`), in PLOTS order."""
+    if logged is None:
+        return []
+    return [str(logged / name) for name in PLOTS if (logged / name).exists()]
 
 
 def best_config(spec: StudySpec, study: optuna.Study) -> dict[str, Any]:
@@ -91,18 +210,13 @@ def best_config(spec: StudySpec, study: optuna.Study) -> dict[str, Any]:
 def write_study_artifacts(spec: StudySpec, study: optuna.Study, out: Path) -> list[Path]:
     """Leaderboard CSV, importances JSON and the study's plots (PNG) into `out`; returns the files."""
     out.mkdir(parents=True, exist_ok=True)
-    files = []
-    table = leaderboard(study)
-    table.to_csv(out / "leaderboard.csv", index=False)
-    files.append(out / "leaderboard.csv")
+    (out / "leaderboard.csv").write_text(leaderboard(study).csv())
     (out / "importances.json").write_text(json.dumps(importances(study), indent=2))
-    files.append(out / "importances.json")
-    files += write_plots(spec, study, out)
-    return files
+    return [out / "leaderboard.csv", out / "importances.json"] + write_plots(spec, study, out)
 
 
 def write_plots(spec: StudySpec, study: optuna.Study, out: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # ~0.5 s to import: only the end of a run draws plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -112,7 +226,8 @@ def write_plots(spec: StudySpec, study: optuna.Study, out: Path) -> list[Path]:
     single = len(study.directions) == 1
     makers = {
         "optimization_history.png": (lambda: ovm.plot_optimization_history(study)) if single else None,
-        "param_importances.png": (lambda: ovm.plot_param_importances(study)) if single and importances(study) else None,
+        "param_importances.png": (lambda: ovm.plot_param_importances(study, evaluator=_evaluator()))
+        if single and importances(study) else None,
         "learning_curves.png": lambda: _learning_curves(spec, study),
         "parallel_coordinates.png": (lambda: ovm.plot_parallel_coordinate(study)) if single else None,
     }
@@ -132,6 +247,22 @@ def write_plots(spec: StudySpec, study: optuna.Study, out: Path) -> list[Path]:
         except (ValueError, RuntimeError, IndexError):
             plt.close("all")  # too few trials for this plot
     return written
+
+
+def _evaluator() -> Any:
+    # Named, not Optuna's default: the label `report` prints stays true whatever the default becomes.
+    return optuna.importance.PedAnovaImportanceEvaluator()
+
+
+def _parent_artifact_uri(spec: StudySpec, study: optuna.Study) -> str | None:
+    """The artifact URI of the version's parent run: recorded in the Optuna study when the run opened it
+    (`ARTIFACT_URI_ATTR`), else (a study run before dlsearch recorded it) asked of MLflow."""
+    if ARTIFACT_URI_ATTR in study.user_attrs:
+        return str(study.user_attrs[ARTIFACT_URI_ATTR])
+    from dlsearch.tracking.tracker import MlflowTracker  # MLflow: ~2 s to import and open; only older studies
+
+    run = MlflowTracker(spec, study.study_name).find_parent()
+    return run.info.artifact_uri if run is not None else None
 
 
 def _learning_curves(spec: StudySpec, study: optuna.Study) -> Any:
@@ -162,3 +293,17 @@ def _learning_curves(spec: StudySpec, study: optuna.Study) -> Any:
 
 def _has_complete(study: optuna.Study) -> bool:
     return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -22,9 +22,9 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from dlsearch.config.trial_config import TrialConfig
 from dlsearch.config.spec import StudySpec
 from dlsearch.config.stores import is_server, tracking_uri
+from dlsearch.config.trial_config import TrialConfig
 from dlsearch.protocol import TrialEnd
 
 # Trial state -> MLflow run status. PRUNED is a normal end (Optuna counts it finished too).
@@ -45,6 +45,7 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri(spec.tracking.uri))
         self.experiment_id = ""
         self.parent_run_id = ""
+        self.artifact_uri = ""  # the parent run's
         self._buffer: dict[str, list[Metric]] = {}
         self._last_flush = time.monotonic()
 
@@ -81,14 +82,14 @@ class MlflowTracker:
                 self.client.set_experiment_tag(self.experiment_id, _KIND_TAG, _KIND[_KIND_TAG])
         found = self.find_parent()
         if found is not None:
-            self.parent_run_id = found.info.run_id
+            self.parent_run_id, self.artifact_uri = found.info.run_id, found.info.artifact_uri
             self.client.update_run(self.parent_run_id, status="RUNNING")
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=self.version,
                 tags={"dlsearch.role": "parent", "dlsearch.version": self.version, "dlsearch.study": self.spec.name},
             )
-            self.parent_run_id = run.info.run_id
+            self.parent_run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
             if self.spec.source_text:
                 self.client.log_text(self.parent_run_id, self.spec.source_text, "study.yaml")
             self.client.log_dict(self.parent_run_id, self.spec.model_dump(mode="json"), "resolved_spec.yaml")
@@ -172,7 +173,7 @@ class MlflowTracker:
         """Close a child run: its buffered curve, test metrics and tags in one `log_batch`, the best
         checkpoint, then (unless `terminate` is False: call `terminate` later) its status.
 
-        `node` is where the trial ran, as its reports said: `node_id` (the Ray node), `node_ip`, `hostname`;
+        `node` is where the trial ran, as its reports said: `node_id` (the Ray node), `node_ip`, `hostname`, the GPUs (`gpu_ids`, `gpu_share`, `gpu_memory_fraction`);
         `population` the trial numbers it trained with as one stacked model (tag `dlsearch.population`).
         """
         final = final or TrialEnd(state=state)
@@ -181,13 +182,15 @@ class MlflowTracker:
             Metric(k, float(v), _now_ms(), final.epochs_run) for k, v in tests.items() if v is not None]
         tags = [RunTag("dlsearch.state", state)]
         if fail_reason:
-            tags.append(RunTag("dlsearch.fail_reason", fail_reason[:5000]))
+            where = f"\n\n{final.traceback}" if final.traceback else ""  # the user's code: where it failed
+            tags.append(RunTag("dlsearch.fail_reason", (fail_reason + where)[:5000]))
         if final.overfit_epoch:  # the epoch validation loss turned up while training loss still fell
             tags.append(RunTag("dlsearch.overfit_epoch", str(final.overfit_epoch)))
         if population:
             tags.append(RunTag("dlsearch.population", ",".join(map(str, population))))
         for key, tag in (("node_id", "dlsearch.node"), ("node_ip", "dlsearch.node_ip"),
-                         ("hostname", "dlsearch.hostname")):
+                         ("hostname", "dlsearch.hostname"), ("gpu_ids", "dlsearch.gpus"),
+                         ("gpu_share", "dlsearch.gpu_share"), ("gpu_memory_fraction", "dlsearch.gpu_memory_fraction")):
             if node and node.get(key):
                 tags.append(RunTag(tag, node[key]))
         # One write for a curve of up to ~1,000 values (MLflow's limit per batch, tags included).

@@ -13,13 +13,19 @@ Contract (README, "Bring your own code")::
 
 - `config` is the trial's resolved configuration as a plain dict (`TrialConfig.to_dict()`):
   the `data`, `model` and `train` sections with the sampled values merged in (custom keys
-  included), `seed` (this trial's), `data_seed`, `number`, `objective`, `params`.
-- `report(epoch, metrics, checkpoint=None)`, once per epoch: epochs count from 1 and increase;
+  included), `seed` (this trial's), `data_seed`, `number`, `objective`, `params`, and each
+  search key that is a plain name (`search: {x: ...}` arrives as `config["x"]`).
+- `report(epoch, metrics, checkpoint=None)`, once per epoch: the first epoch may be 0 or 1 (as
+  `range` gives it), then each is greater than the last; Optuna's step, MLflow's step and the
+  pruner's `n_warmup_steps` all count the epochs as reported. A broken contract (an epoch out
+  of order, a metric that is no number) is a `ReportError`: one line;
   `metrics` maps names to numbers, and should hold the objective's metric, which is what the
   pruner sees and what the trial's value is taken from (its best epoch, as for the built-in
-  loop). `epoch_time_s` is added when missing. A non-finite objective fails the trial, like
-  a diverged loss in the built-in loop. `checkpoint` is any object `torch.save` can write; it
-  is copied when `report` is called, so live tensors (a `state_dict()`) are fine.
+  loop: one that beats the best so far by more than `train.early_stopping.min_delta`; see
+  `dlsearch.trial.bookkeeping`). `epoch_time_s` is added when missing. A non-finite objective
+  fails the trial, like a diverged loss in the built-in loop. `checkpoint` is any object
+  `torch.save` can write; it is copied when `report` is called, so live tensors (a
+  `state_dict()`) are fine.
 - Pruning: when the pruner stops the trial, `report` does not return: it raises (inside Ray
   Tune, Tune's `SystemExit`; in-process, `TrialPruned` from the caller's report). Let it
   through; code in `finally` blocks runs. An exception of the trainable fails the trial with
@@ -35,7 +41,6 @@ Contract (README, "Bring your own code")::
 from __future__ import annotations
 
 import copy
-import math
 import re
 import statistics
 import time
@@ -43,18 +48,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from dlsearch.config.trial_config import TrialConfig
 from dlsearch.config.entrypoints import resolve
+from dlsearch.config.trial_config import TrialConfig
+from dlsearch.errors import InputError
+from dlsearch.trial.bookkeeping import BookRules, EpochBook, Verdict
 from dlsearch.trial.train import Report, TrialPruned, TrialResult
 
 CUSTOM_KEY = "custom"  # marks a resume state written by this harness (the user's object is under it)
-# Keys Ray Tune or dlsearch put into each result: a metric of that name would be overwritten.
-RESERVED = frozenset({
-    "epoch", "done", "training_iteration", "trial_id", "time_this_iter_s", "time_total_s", "timestamp",
-    "date", "pid", "hostname", "node_ip", "config", "should_checkpoint", "checkpoint_dir_name",
-    "time_since_restore", "iterations_since_restore", "experiment_tag", "node_id", "dlsearch_final",
-    "dlsearch_metrics",
-})
+# A metric may not be named like the step it is reported at (every other name is the trainable's own:
+# the report carries them apart from Ray Tune's keys, see `dlsearch.protocol.EpochReport`).
+RESERVED = frozenset({"epoch"})
 _NAME = re.compile(r"^[\w.\-/ ]+$")  # what MLflow accepts as a metric name (and no comma)
 
 
@@ -64,13 +67,15 @@ class TrialReporter:
     def __init__(self, cfg: TrialConfig, report: Report | None, resume: Mapping[str, Any] | None = None,
                  on_artifact: Callable[[Path], None] | None = None):
         self._report = report
-        self._metric = cfg.objective.metric
-        self._maximize = cfg.objective.direction == "maximize"
         self._on_artifact = on_artifact
-        self.state = _CustomState.restore(resume) if resume is not None else _CustomState()
+        # No patience: the trainable's own loop decides when to stop.
+        rules = BookRules.for_trial(cfg, stop_early=False)
+        self.state = _CustomState.restore(resume, rules) if resume is not None else _CustomState(EpochBook(rules))
         self.fail_reason: str | None = None
         self.pruned: TrialPruned | None = None
-        self._last_epoch = 0  # this run's: a trial restarted without its checkpoint may begin again at 1
+        # This run's last epoch (None: none yet). The first may be 0 or 1, as a loop over range() gives,
+        # or where a restarted trial goes on; then each is greater than the last.
+        self._last_epoch: int | None = None
         self._clock = time.perf_counter()
 
     def __call__(self, epoch: int, metrics: Mapping[str, float], checkpoint: Any = None) -> None:
@@ -78,18 +83,20 @@ class TrialReporter:
             raise TrialFailed(self.fail_reason)  # the trainable caught the first one and went on
         if self.pruned is not None:
             raise self.pruned
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch <= self._last_epoch:
-            raise ValueError(f"report: epoch must be an integer greater than {self._last_epoch} (got {epoch!r})")
+        floor = -1 if self._last_epoch is None else self._last_epoch
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch <= floor:
+            least = "0 or more" if self._last_epoch is None else f"greater than the last one ({self._last_epoch})"
+            raise ReportError(f"report: epoch must be an integer, {least} (got {epoch!r})")
         row = _checked_metrics(metrics)
         now = time.perf_counter()
         row.setdefault("epoch_time_s", now - self._clock)
         self._clock, self._last_epoch = now, epoch
-        value = row.get(self._metric)
-        if value is not None and not math.isfinite(value):
-            self.fail_reason = (f"{self._metric} became {value} at epoch {epoch}: "
+        verdict = self.state.record(epoch, row, checkpoint)
+        if verdict.diverged:
+            bad = verdict.diverged
+            self.fail_reason = (f"{bad} became {row[bad]} at epoch {epoch}: "
                                 "the trainable reported a non-finite objective")
             raise TrialFailed(self.fail_reason)
-        self.state.record(epoch, row, value, self._maximize, checkpoint)
         if self._report is None:
             return
         try:
@@ -116,6 +123,11 @@ class TrialReporter:
 
 class TrialFailed(Exception):
     """Raised by `report` when the trial has failed (a non-finite objective)."""
+
+
+class ReportError(InputError, ValueError):
+    """The trainable broke `report`'s contract (an epoch out of order, a metric that is no number):
+    one line naming what was wrong, in `dlsearch train` (exit 2) and as the trial's fail reason."""
 
 
 def run_custom_trainable(
@@ -147,7 +159,7 @@ def run_custom_trainable(
     if reporter.fail_reason is not None:
         return state.result("FAIL", reporter.fail_reason)
     final = _final_metrics(returned)
-    if state.best_epoch is None:
+    if state.book.best_epoch is None:
         seen = sorted({k for row in state.history for k in row if k != "epoch"})
         return state.result("FAIL", f"the trainable never reported the objective {cfg.objective.metric!r}"
                                     f" (it reported: {', '.join(seen) or 'nothing'})", final)
@@ -161,32 +173,42 @@ def run_custom_trainable(
 class _CustomState:
     """What the harness knows of the trial: its curve, best epoch and the user's last checkpoint."""
 
+    book: EpochBook
     epoch: int = 0
-    best_value: float | None = None
-    best_epoch: int | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     user_checkpoint: Any = None
 
     @classmethod
-    def restore(cls, resume: Mapping[str, Any]) -> _CustomState:
-        return cls(epoch=resume["epoch"], best_value=resume["best_value"], best_epoch=resume["best_epoch"],
-                   best_metrics=dict(resume["best_metrics"]), history=list(resume["history"]),
+    def restore(cls, resume: Mapping[str, Any], rules: BookRules) -> _CustomState:
+        history, best_epoch = list(resume["history"]), resume["best_epoch"]
+        # The resume state keeps no count of epochs without improvement: it is the number of
+        # objective values reported after the best epoch.
+        since = sum(1 for r in history if r["epoch"] > (best_epoch or 0) and rules.metric in r)
+        book = EpochBook(rules, best_epoch=best_epoch, best_value=resume["best_value"],
+                         epochs_without_improvement=since)
+        return cls(book=book, epoch=resume["epoch"], best_metrics=dict(resume["best_metrics"]), history=history,
                    user_checkpoint=resume[CUSTOM_KEY])
 
-    def record(self, epoch: int, row: dict[str, float], value: float | None, maximize: bool, checkpoint: Any) -> None:
+    def record(self, epoch: int, row: dict[str, float], checkpoint: Any) -> Verdict:
+        """Add epoch `epoch`'s metrics; a non-finite objective (`Verdict.diverged`) adds nothing."""
+        value = row.get(self.book.rules.metric)
+        # An epoch without the objective leaves the book as it was.
+        verdict = self.book.update(epoch, value) if value is not None else Verdict()
+        if verdict.diverged:
+            return verdict
         self.epoch = epoch
         # A trial restarted without using its checkpoint reports its first epochs again: the new ones count.
         self.history = [r for r in self.history if r["epoch"] < epoch] + [{"epoch": epoch, **row}]
-        if value is not None and (self.best_value is None or (value > self.best_value if maximize
-                                                              else value < self.best_value)):
-            self.best_value, self.best_epoch, self.best_metrics = value, epoch, dict(row)
+        if verdict.improved:
+            self.best_metrics = dict(row)
         if checkpoint is not None:
             # A copy: live tensors (a state_dict) would otherwise change under it as training goes on.
             self.user_checkpoint = copy.deepcopy(checkpoint)
+        return verdict
 
     def resume_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch,
+        return {"epoch": self.epoch, "best_value": self.book.best_value, "best_epoch": self.book.best_epoch,
                 "best_metrics": self.best_metrics, "history": list(self.history), CUSTOM_KEY: self.user_checkpoint}
 
     def result(self, status: str, reason: str | None, final: dict[str, float] | None = None) -> TrialResult:
@@ -194,8 +216,8 @@ class _CustomState:
         times = [row["epoch_time_s"] for row in self.history if "epoch_time_s" in row]
         return TrialResult(
             state=status,
-            epochs_run=self.epoch,
-            best_epoch=self.best_epoch,
+            epochs_run=len(self.history),
+            best_epoch=self.book.best_epoch,
             best_metrics=dict(self.best_metrics),
             test_loss=final.pop("test_loss", None),
             test_accuracy=final.pop("test_accuracy", None),
@@ -209,12 +231,15 @@ class _CustomState:
 
 def _checked_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"report: metrics must be a mapping of names to numbers (got a {type(metrics).__name__})")
+        raise ReportError(f"report: metrics must be a mapping of names to numbers (got a {type(metrics).__name__})")
     row: dict[str, float] = {}
     for name, value in metrics.items():
         if not isinstance(name, str) or not _NAME.match(name) or name in RESERVED:
-            raise ValueError(f"report: metric name {name!r} is reserved or not a valid MLflow metric name")
-        row[name] = _number(value, f"report: metric {name!r}")
+            raise ReportError(f"report: metric name {name!r} is reserved or not a valid MLflow metric name")
+        try:
+            row[name] = _number(value, f"report: metric {name!r}")
+        except TypeError as err:
+            raise ReportError(str(err)) from None
     return row
 
 

@@ -5,8 +5,9 @@ and int64 labels split into train / validation / test and normalized with traini
 statistics only; for `dataset: custom` it returns what the user's factory gave (see
 `dlsearch.trial.custom_data`): a `DataBundle`, or a `DatasetBundle` of torch Datasets read in
 batches. Anything wrong with the data raises `DataError`, whose message is
-shown to the user as-is. `check_data_available` answers the same questions for
-`dlsearch validate` without downloading or writing anything.
+shown to the user as-is. Where files are looked for, and the checks `dlsearch validate`
+runs without downloading or writing anything (`check_data_available`), live in
+`dlsearch.trial.data_files`, which imports no torch; their names are importable from here too.
 
 Only torch, numpy and the standard library are imported here; scikit-learn (digits,
 synthetic) and pandas (csv) are imported when those datasets are asked for.
@@ -32,10 +33,22 @@ import torch
 from dlsearch.config.spec import DataSpec
 from dlsearch.trial.bundles import DataBundle, DataError, DatasetBundle
 from dlsearch.trial.custom_data import load_custom
+from dlsearch.trial.data_files import (  # noqa: F401  (check_data_available: re-exported for older callers)
+    IDX_DATASETS,
+    IDX_FILES,
+    absolute,
+    cache_dir,
+    check_data_available,
+    csv_header_problem,
+    find_idx_files,
+    how_to_fix,
+    idx_path,
+    n_informative,
+    not_found,
+    search_roots,
+    synthetic_problems,
+)
 
-IDX_DATASETS = ("mnist", "fashion_mnist")
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-_DISPLAY_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 # torchvision's mirrors and the md5 sums it publishes for the gzipped files.
 _MIRRORS: dict[str, tuple[str, ...]] = {
     "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
@@ -85,49 +98,6 @@ def first_samples(data: DataBundle | DatasetBundle, split: str, n: int) -> tuple
 def clear_cache() -> None:
     """Forget every bundle `load_data` has cached in this process."""
     _load_cached.cache_clear()
-
-
-def search_roots(spec: DataSpec) -> list[Path]:
-    """The folders searched for MNIST-style IDX files, in order; [] for other datasets.
-
-    `data.root` (relative to the working directory), then `$DLSEARCH_DATA_DIR/<dataset>`,
-    then the user cache `$XDG_CACHE_HOME/dlsearch/<dataset>` (default `~/.cache`), which is
-    also where downloads go.
-    """
-    if spec.dataset not in IDX_DATASETS:
-        return []
-    roots = []
-    if spec.root:
-        roots.append(_absolute(spec.root))
-    if os.environ.get("DLSEARCH_DATA_DIR"):
-        roots.append(_absolute(os.environ["DLSEARCH_DATA_DIR"]) / spec.dataset)
-    roots.append(_cache_dir(spec.dataset))
-    return list(dict.fromkeys(roots))  # the same folder twice is searched once
-
-
-def find_idx_files(spec: DataSpec) -> Path | None:
-    """The first folder of `search_roots` holding all four IDX files (each plain or .gz), or None."""
-    for folder in search_roots(spec):
-        if all(_idx_path(folder, name) for name in IDX_FILES):
-            return folder
-    return None
-
-
-def check_data_available(spec: DataSpec) -> list[str]:
-    """Problems with the data as `data.<field>: message` lines; never downloads or writes.
-
-    Missing MNIST files are a problem only when `data.download` is false (a run would fetch them).
-    """
-    if spec.dataset in IDX_DATASETS:
-        if find_idx_files(spec) is None and not spec.download:
-            return [f"data.root: {_not_found(spec)}; data.download is false. {_how_to_fix(spec)}"]
-        return []
-    if spec.dataset == "csv":
-        problem = _csv_header_problem(spec)
-        return [problem] if problem else []
-    if spec.dataset == "synthetic":
-        return _synthetic_problems(spec)
-    return []
 
 
 # ---------------------------------------------------------------- building a bundle
@@ -222,36 +192,22 @@ def _digits(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def _synthetic(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
-    problems = _synthetic_problems(spec)
+    problems = synthetic_problems(spec)
     if problems:
         raise DataError(problems[0])
     from sklearn.datasets import make_classification
 
-    n_informative = _n_informative(spec.n_features)
+    informative = n_informative(spec.n_features)
     x, y = make_classification(
-        n_samples=spec.n_samples, n_features=spec.n_features, n_informative=n_informative,
-        n_redundant=min(2, spec.n_features - n_informative),  # sklearn's default 2 does not fit 2-3 features
+        n_samples=spec.n_samples, n_features=spec.n_features, n_informative=informative,
+        n_redundant=min(2, spec.n_features - informative),  # sklearn's default 2 does not fit 2-3 features
         n_classes=spec.n_classes, random_state=_SYNTHETIC_SEED,
     )
     return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64)), spec.n_classes
 
 
-def _n_informative(n_features: int) -> int:
-    return max(2, n_features // 2)
-
-
-def _synthetic_problems(spec: DataSpec) -> list[str]:
-    if spec.n_features < 2:
-        return [f"data.n_features: must be >= 2 for dataset synthetic (got {spec.n_features})"]
-    n_informative = _n_informative(spec.n_features)
-    if spec.n_classes * 2 > 2**n_informative:  # make_classification puts 2 clusters per class on hypercube corners
-        return [f"data.n_classes: must be <= {2 ** n_informative // 2} with n_features {spec.n_features} "
-                f"({n_informative} informative features) (got {spec.n_classes})"]
-    return []
-
-
 def _csv(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
-    problem = _csv_header_problem(spec)
+    problem = csv_header_problem(spec)
     if problem:
         raise DataError(problem)
     import pandas as pd
@@ -276,24 +232,6 @@ def _csv(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor, int]:
     raise DataError(f"data.path: {problem} (got {spec.path!r})")
 
 
-def _csv_header_problem(spec: DataSpec) -> str | None:
-    """The first problem with a CSV dataset seen without reading past the header, or None."""
-    if not spec.path:
-        return "data.path: is required for dataset csv (the CSV file)"
-    if not Path(spec.path).is_file():
-        return f"data.path: {'not a file' if Path(spec.path).exists() else 'no such file'} (got {spec.path!r})"
-    import pandas as pd
-
-    try:
-        columns = [str(c) for c in pd.read_csv(spec.path, nrows=0).columns]
-    except (ValueError, OSError) as err:
-        return f"data.path: cannot read it as CSV: {err} (got {spec.path!r})"
-    if spec.label_column not in columns:
-        return (f"data.label_column: no such column in {spec.path}; its columns are {', '.join(columns)} "
-                f"(got {spec.label_column!r})")
-    return None
-
-
 # ---------------------------------------------------------------- IDX files (MNIST, Fashion-MNIST)
 
 
@@ -301,8 +239,8 @@ def _read_idx_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """(x_train, y_train, x_test, y_test): images float32 in [0, 1] shaped (N, 1, rows, cols)."""
     out: list[torch.Tensor] = []
     for prefix in ("train", "t10k"):
-        images_path = _idx_path(folder, f"{prefix}-images-idx3-ubyte")
-        labels_path = _idx_path(folder, f"{prefix}-labels-idx1-ubyte")
+        images_path = idx_path(folder, f"{prefix}-images-idx3-ubyte")
+        labels_path = idx_path(folder, f"{prefix}-labels-idx1-ubyte")
         assert images_path and labels_path, "callers pass a folder find_idx_files accepted"
         images, labels = _read_idx(images_path, _IMAGES_MAGIC), _read_idx(labels_path, _LABELS_MAGIC)
         if len(images) != len(labels):
@@ -347,22 +285,15 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, count=n_bytes, offset=header_bytes).reshape(dims)
 
 
-def _idx_path(folder: Path, name: str) -> Path | None:
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _download(spec: DataSpec) -> Path:
     """Fetch the missing gz files into the cache folder and return it, or raise one clear DataError."""
     if not spec.download:
-        raise DataError(f"data.root: {_not_found(spec)}; data.download is false. {_how_to_fix(spec)}")
-    target, not_found = _cache_dir(spec.dataset), _not_found(spec)  # described before the download creates folders
+        raise DataError(f"data.root: {not_found(spec)}; data.download is false. {how_to_fix(spec)}")
+    target, looked = cache_dir(spec.dataset), not_found(spec)  # described before the download creates folders
     failure = _fetch_missing(spec.dataset, target)
     if failure:
-        raise DataError(f"data.root: {not_found}; downloading into {target} failed: {failure}. "
-                        f"{_how_to_fix(spec)}")
+        raise DataError(f"data.root: {looked}; downloading into {target} failed: {failure}. "
+                        f"{how_to_fix(spec)}")
     return target
 
 
@@ -373,7 +304,7 @@ def _fetch_missing(dataset: str, target: Path) -> str | None:
     except OSError as err:
         return f"cannot create the folder ({err.strerror})"
     for name, md5 in zip(IDX_FILES, _GZ_MD5[dataset], strict=True):
-        if _idx_path(target, name):
+        if idx_path(target, name):
             continue
         reasons = []
         for mirror in _MIRRORS[dataset]:
@@ -412,36 +343,12 @@ def _reason(err: BaseException) -> str:
     return str(getattr(err, "reason", None) or err) or type(err).__name__
 
 
-def _not_found(spec: DataSpec) -> str:
-    """'MNIST files not found; looked in A (why), B (why)' over every folder of `search_roots`."""
-    looked = []
-    for folder in search_roots(spec):
-        missing = [name for name in IDX_FILES if not _idx_path(folder, name)]
-        why = ("no such folder" if not folder.is_dir() else
-               "none of the 4 files" if len(missing) == len(IDX_FILES) else f"missing {', '.join(missing)}")
-        looked.append(f"{folder} ({why})")
-    return f"{_DISPLAY_NAMES[spec.dataset]} files not found; looked in {', '.join(looked)}"
-
-
-def _how_to_fix(spec: DataSpec) -> str:
-    return (f"Set data.root to a folder holding {', '.join(IDX_FILES)} (each plain or .gz), or "
-            f"DLSEARCH_DATA_DIR to a folder with a {spec.dataset}/ subfolder holding them")
-
-
 def _resolution_key(spec: DataSpec, base_dir: str | None = None) -> tuple[str, ...]:
     # The same spec names other files when the working directory or the environment changes.
     if spec.dataset in IDX_DATASETS:
         return tuple(map(str, search_roots(spec)))
     if spec.dataset == "csv" and spec.path:
-        return (str(_absolute(spec.path)),)
+        return (str(absolute(spec.path)),)
     if spec.dataset == "custom":
         return (os.getcwd(),)  # with base_dir (also in the key), where the factory's module is found
     return ()
-
-
-def _cache_dir(dataset: str) -> Path:
-    return _absolute(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlsearch" / dataset
-
-
-def _absolute(path: str | Path) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(path)))  # abspath also folds `..` for readable messages

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from dlsearch.config.trial_config import TrialConfig
+from dlsearch.trial.bookkeeping import LOSSES, BookRules, EpochBook
 from dlsearch.trial.data import DataBundle, DatasetBundle
 from dlsearch.trial.models import LEAKY_RELU_SLOPE, build_model
 from dlsearch.trial.practice import find_overfit_epoch, is_binary, loss_fn, make_augment, n_outputs, predict
@@ -124,7 +125,7 @@ def train_population(
     half = torch.bfloat16 if t.precision == "bf16" and device.type == "cuda" else None
     autocast = (lambda: torch.autocast("cuda", dtype=half)) if half is not None else contextlib.nullcontext
 
-    members = [_Member(cfg) for cfg in cfgs]
+    members = [_Member(cfg, EpochBook(BookRules.for_trial(cfg))) for cfg in cfgs]
     net = _StackedMLP([_initial_state(cfg, data) for cfg in cfgs], first.model, device)
     dropout = _Dropout([cfg.model.dropout for cfg in cfgs], net.width, device, seed + 2)
     n_train = len(data.y_train)
@@ -136,7 +137,7 @@ def train_population(
 
     for epoch in range(1, t.epochs + 1):
         for i in rows:  # early stopping, checked before the epoch as train_trial does
-            if members[i].bad_epochs >= t.early_stopping.patience:
+            if members[i].book.should_stop:
                 members[i].state = "COMPLETE"
         rows = _drop_stopped(rows, members, net, optimizer, dropout)
         if not rows:
@@ -252,11 +253,9 @@ class _Member:
     """One member's bookkeeping: what `train_trial`'s loop state holds for a trial."""
 
     cfg: TrialConfig
+    book: EpochBook  # its own objective, min_delta and patience
     state: str | None = None  # None while training; COMPLETE | FAIL | PRUNED
     epoch: int = 0
-    best_value: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     fail_reason: str | None = None
     test_loss: float | None = None
@@ -266,29 +265,22 @@ class _Member:
     def end_epoch(self, epoch: int, metrics: dict[str, float], weights: Callable[[], dict[str, torch.Tensor]]) -> None:
         self.history.append(metrics)
         self.epoch = epoch
-        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
-        if bad:
+        verdict = self.book.update(epoch, metrics[self.book.rules.metric], losses={k: metrics[k] for k in LOSSES})
+        if verdict.diverged:
+            bad = verdict.diverged
             self.state = "FAIL"
-            self.fail_reason = (f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch} (lr {self.cfg.train.lr:g}): "
+            self.fail_reason = (f"{bad} became {metrics[bad]} at epoch {epoch} (lr {self.cfg.train.lr:g}): "
                                 "the loss diverged")
-            return
-        value = metrics[self.cfg.objective.metric]
-        maximize = self.cfg.objective.direction == "maximize"
-        min_delta = self.cfg.train.early_stopping.min_delta
-        if self.best_value is None or (value > self.best_value + min_delta if maximize
-                                       else value < self.best_value - min_delta):
-            self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
+        elif verdict.improved:
             self.best_state = weights()
-        else:
-            self.bad_epochs += 1
 
     def result(self) -> TrialResult:
-        h = self.history
+        h, best_epoch = self.history, self.book.best_epoch
         return TrialResult(
             state=self.state or "COMPLETE",
             epochs_run=self.epoch,
-            best_epoch=self.best_epoch,
-            best_metrics=dict(h[self.best_epoch - 1]) if self.best_epoch else {},
+            best_epoch=best_epoch,
+            best_metrics=dict(h[best_epoch - 1]) if best_epoch else {},
             test_loss=self.test_loss,
             test_accuracy=self.test_accuracy,
             epoch_time_s=statistics.median(m["epoch_time_s"] for m in h) if h else None,

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from dlsearch.config.trial_config import TrialConfig
+from dlsearch.trial.bookkeeping import LOSSES, BookRules, EpochBook
 from dlsearch.trial.data import DataBundle, DatasetBundle
 from dlsearch.trial.models import build_model
 from dlsearch.trial.practice import find_overfit_epoch, is_binary, loss_fn, make_augment, n_outputs, predict
@@ -120,18 +121,17 @@ def train_trial(
         augment=make_augment(t.augment, augment_rng), autocast=autocast, channels_last=channels_last,
     )
 
-    metric, maximize = cfg.objective.metric, cfg.objective.direction == "maximize"
+    rules = BookRules.for_trial(cfg)
     evaluate_test = (functools.partial(evaluate, net, data.x_test, data.y_test, autocast, binary=binary)
                      if loaders is None
                      else functools.partial(evaluate_loader, net, loaders.test, device, autocast, binary=binary))
-    state = _LoopState()
-    if resume is not None:
-        state = _restore(resume, model, optimizer, scheduler, shuffle, step.scaler, augment_rng)
+    state = (_LoopState(book=EpochBook(rules)) if resume is None
+             else _restore(resume, rules, model, optimizer, scheduler, shuffle, step.scaler, augment_rng))
 
     for epoch in range(state.epoch + 1, t.epochs + 1):
         # Early stopping, checked before the epoch so that a trial resumed from the checkpoint of
         # the epoch that stopped it stops there too; the best weights are restored below.
-        if state.bad_epochs >= t.early_stopping.patience:
+        if state.book.should_stop:
             break
         start = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
@@ -155,17 +155,14 @@ def train_trial(
         }
         state.history.append(metrics)
         state.epoch = epoch
-        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
-        if bad:
-            reason = f"{bad[0]} became {metrics[bad[0]]} at epoch {epoch} (lr {t.lr:g}): the loss diverged"
+        verdict = state.book.update(epoch, metrics[rules.metric], losses={k: metrics[k] for k in LOSSES})
+        if verdict.diverged:
+            bad = verdict.diverged
+            reason = f"{bad} became {metrics[bad]} at epoch {epoch} (lr {t.lr:g}): the loss diverged"
             return _finish(state, model, evaluate_test, "FAIL", reason)
-
-        value = metrics[metric]
-        if state.best_value is None or _improved(value, state.best_value, t.early_stopping.min_delta, maximize):
-            state.best_value, state.best_epoch, state.bad_epochs = value, epoch, 0
+        if verdict.improved:
             state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            state.bad_epochs += 1
+        # verdict.should_stop is acted on before the next epoch (above), after this one is reported.
 
         if report is not None:
             if epoch % t.checkpoint_every == 0:
@@ -334,10 +331,8 @@ class _Step:
 
 @dataclass
 class _LoopState:
+    book: EpochBook
     epoch: int = 0
-    best_value: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -390,20 +385,17 @@ def _to_device(xb: torch.Tensor, yb: torch.Tensor, device: torch.device) -> tupl
     return xb.to(device, non_blocking=True).float(), yb.to(device, non_blocking=True).long()
 
 
-def _improved(value: float, best: float, min_delta: float, maximize: bool) -> bool:
-    return value > best + min_delta if maximize else value < best - min_delta
-
-
 def _finish(
     state: _LoopState, model: nn.Module, evaluate_test: Callable[[], tuple[float, float]], status: str,
     reason: str | None,
 ) -> TrialResult:
     """Restore the best weights and evaluate them on the test split."""
+    best_epoch = state.book.best_epoch
     result = TrialResult(
         state=status,
         epochs_run=state.epoch,
-        best_epoch=state.best_epoch,
-        best_metrics=dict(state.history[state.best_epoch - 1]) if state.best_epoch else {},
+        best_epoch=best_epoch,
+        best_metrics=dict(state.history[best_epoch - 1]) if best_epoch else {},
         epoch_time_s=statistics.median(h["epoch_time_s"] for h in state.history) if state.history else None,
         fail_reason=reason,
         overfit_epoch=find_overfit_epoch(state.history),
@@ -427,9 +419,10 @@ def _checkpoint(
                           "scheduler": scheduler.state_dict()})
     return {
         "epoch": state.epoch,
-        "best_value": state.best_value,
-        "best_epoch": state.best_epoch,
-        "bad_epochs": state.bad_epochs,
+        # The book's fields under the keys checkpoints have always had: older ones still resume.
+        "best_value": state.book.best_value,
+        "best_epoch": state.book.best_epoch,
+        "bad_epochs": state.book.epochs_without_improvement,
         "best_state": state.best_state,
         "history": list(state.history),
         **live,
@@ -441,7 +434,7 @@ def _checkpoint(
 
 
 def _restore(
-    ckpt: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+    ckpt: Mapping[str, Any], rules: BookRules, model: nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, shuffle: torch.Generator, scaler: torch.amp.GradScaler,
     augment_rng: torch.Generator,
 ) -> _LoopState:
@@ -454,10 +447,9 @@ def _restore(
         augment_rng.set_state(ckpt["augment_rng"])
     torch.set_rng_state(ckpt["torch_rng"])
     return _LoopState(
+        book=EpochBook(rules, best_epoch=ckpt["best_epoch"], best_value=ckpt["best_value"],
+                       epochs_without_improvement=ckpt["bad_epochs"]),
         epoch=ckpt["epoch"],
-        best_value=ckpt["best_value"],
-        best_epoch=ckpt["best_epoch"],
-        bad_epochs=ckpt["bad_epochs"],
         best_state=ckpt["best_state"],
         history=list(ckpt["history"]),
     )

@@ -119,8 +119,8 @@ def create_stores(spec: StudySpec) -> None:
     """
     from mlflow import MlflowClient
 
-    from dlsearch.search.storage import open_storage
     from dlsearch.config.stores import tracking_uri
+    from dlsearch.search.storage import open_storage
 
     t = spec.tracking
     for uri, create in (

@@ -24,17 +24,32 @@ import optuna
 from optuna.trial import TrialState
 
 from dlsearch.backend.cluster import check_nodes, excluding, for_workers, runtime_env, usable_resources, worker_env
-from dlsearch.config.trial_config import TrialConfig, trial_config
 from dlsearch.config.entrypoints import search_paths
-from dlsearch.tuner.preflight import ServiceUnreachable, check_ray_address, check_stores, study_lock
-from dlsearch.search.space import directions, make_pruner, make_sampler, suggest
-from dlsearch.config.spec import StudySpec
-from dlsearch.protocol import (ARTIFACTS_DIR, BEST_FILE, LAST_FILE, MEMBERS_DIR, MODEL_DIR, Assignment, EpochReport,
-                               Member, PopulationEnd, PopulationEpoch, TrialEnd, from_result, resources_scale)
+from dlsearch.config.spec import SpecError, StudySpec, search_problems
+from dlsearch.config.trial_config import TrialConfig, trial_config
+from dlsearch.errors import InterruptedRun, RunError
+from dlsearch.protocol import (
+    ARTIFACTS_DIR,
+    BEST_FILE,
+    LAST_FILE,
+    MEMBERS_DIR,
+    MODEL_DIR,
+    PLACE_KEYS,
+    Assignment,
+    EpochReport,
+    Member,
+    PopulationEnd,
+    PopulationEpoch,
+    TrialEnd,
+    from_result,
+    resources_scale,
+)
+from dlsearch.report.leaderboard import ARTIFACT_URI_ATTR
 from dlsearch.search.pruning import should_prune
+from dlsearch.search.space import directions, make_pruner, make_sampler, suggest
 from dlsearch.search.storage import open_storage, study_versions
 from dlsearch.tracking.tracker import MlflowTracker, fetch_checkpoint, with_source_architecture
-from dlsearch.errors import InterruptedRun, RunError
+from dlsearch.tuner.preflight import ServiceUnreachable, check_ray_address, check_stores, study_lock
 
 INTERRUPTED = "interrupted"  # fail_reason of trials a killed or stopped driver left running
 
@@ -57,9 +72,10 @@ class TrialRecord:
     cfg: TrialConfig
     run_id: str
     started_s: float = field(default_factory=time.monotonic)
-    n_epochs: int = 0
+    n_epochs: int = 0  # epochs logged
+    last_epoch: int = -1  # the last epoch logged (a custom trainable may count from 0)
     final: TrialEnd | None = None  # the trial's last report
-    node: dict[str, str] = field(default_factory=dict)  # node_id, node_ip, hostname of the last report
+    node: dict[str, str] = field(default_factory=dict)  # where it ran, as its last report said (PLACE_KEYS)
     pruned_at: int | None = None  # the epoch the driver pruned it at
     scale: float = 1  # times the per-trial resources it runs with (doubled after running out of memory)
     population: list[int] = field(default_factory=list)  # the trial numbers it trained with, as one model
@@ -99,6 +115,8 @@ def run_study(
     started = time.monotonic()
     _quiet_libraries()
     address = address or spec.resources.address
+    if search_problems(spec):  # a study with nothing to search runs with `dlsearch train`
+        raise SpecError(search_problems(spec))
     check_stores(spec)  # before anything is created: a bad store leaves no trace
     check_ray_address(address)
     if spec.data.dataset != "custom":
@@ -158,6 +176,8 @@ def _open_study(spec: StudySpec, trials: int | None, fresh: bool) -> _Opened:
     tracker = MlflowTracker(spec, version)
     tracker.open()
     tracker.reconcile_children(_trial_outcomes(study))
+    if study.user_attrs.get(ARTIFACT_URI_ATTR) != tracker.artifact_uri:  # `report` finds the plots without MLflow
+        study.set_user_attr(ARTIFACT_URI_ATTR, tracker.artifact_uri)
     return _Opened(study, tracker, trials or spec.budget.trials, resumed=bool(versions) and not fresh,
                    fresh=fresh and bool(versions), n_reopened=n_reopened)
 
@@ -590,7 +610,7 @@ class _Driver:
         the members to stop are posted to the board, which its worker waits for each epoch.
         """
         report = from_result(result)
-        node = {k: str(result[k]) for k in _NODE_KEYS if result.get(k)}  # Tune adds hostname and node_ip
+        node = {k: str(result[k]) for k in PLACE_KEYS if result.get(k)}
         members = self.populations.get(tune_trial_id)
         if members is not None:
             if isinstance(report, PopulationEnd):
@@ -622,9 +642,10 @@ class _Driver:
         record.node.update(node)
         if record.pruned_at is not None:
             return True
-        if epoch <= record.n_epochs:
+        if epoch <= record.last_epoch:
             return False  # a worker restarted from an older checkpoint repeats an epoch already logged
-        record.n_epochs = epoch
+        record.last_epoch = epoch
+        record.n_epochs += 1
         self.epochs_run += 1
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         self.tracker.log_epoch(record.run_id, epoch, metrics)
@@ -745,7 +766,7 @@ class _Driver:
         # it; a resume closes a child still RUNNING in MLflow as its Optuna trial says.
         finals = {k: v for k, v in (final.final_metrics if final else {}).items() if v is not None}
         if finals:
-            self.tracker.log_epoch(record.run_id, record.n_epochs, finals)
+            self.tracker.log_epoch(record.run_id, max(record.last_epoch, 0), finals)  # at the last epoch's step
         if checkpoint_dir and (Path(checkpoint_dir) / ARTIFACTS_DIR).is_dir():
             self.tracker.log_artifacts(record.run_id, Path(checkpoint_dir) / ARTIFACTS_DIR)
         name = state.name
@@ -782,7 +803,6 @@ class _Driver:
             self.stop_reason = f"{self.failures[1]} trials in a row failed with the same reason: {reason}"
 
 
-_NODE_KEYS = ("node_id", "node_ip", "hostname")
 
 
 def _failure_streak(study: optuna.Study) -> tuple[str, int]:
