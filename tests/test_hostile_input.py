@@ -164,3 +164,16 @@ def test_a_mutated_shipped_study_exits_0_or_2_with_no_traceback_and_no_store(dat
     if out.returncode == 2:
         assert out.stderr.strip(), "exit 2 says what is wrong"
         assert _written(cwd) == [], _written(cwd)
+
+
+def test_mnist_missing_with_no_way_to_download_leaves_no_cache_folder(tmp_path: Path) -> None:
+    # This machine (and CI) reach no MNIST mirror: the download fails, and the folders it made go again.
+    path = write_study(tmp_path, data={"dataset": "mnist"})
+    env = {k: v for k, v in os.environ.items() if k != "DLSEARCH_DATA_DIR"}
+    env.update(PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(tmp_path / "cache"), HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "dlsearch", "run", str(path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    assert out.stderr.startswith("data.root: MNIST files not found") and "downloading into" in out.stderr
+    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()

@@ -15,6 +15,7 @@ synthetic) and pandas (csv) are imported when those datasets are asked for.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -298,11 +299,25 @@ def _download(spec: DataSpec) -> Path:
 
 
 def _fetch_missing(dataset: str, target: Path) -> str | None:
-    """Download each file `target` lacks, trying the mirrors in order; why it failed, or None."""
+    """Download each file `target` lacks, trying the mirrors in order; why it failed, or None.
+
+    A download that fails leaves nothing behind: the folders it made for `target` are removed
+    again when they are still empty (no empty cache folder from a machine without network).
+    """
+    made = [p for p in (target, *target.parents) if not p.exists()]  # deepest first
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         return f"cannot create the folder ({err.strerror})"
+    failure = _fetch_each(dataset, target)
+    if failure:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty (another process's files): kept
+                folder.rmdir()
+    return failure
+
+
+def _fetch_each(dataset: str, target: Path) -> str | None:
     for name, md5 in zip(IDX_FILES, _GZ_MD5[dataset], strict=True):
         if idx_path(target, name):
             continue
