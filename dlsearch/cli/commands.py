@@ -238,12 +238,22 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
         raise SpecError(problems)
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"study {describe(spec)}", markup=False)
+    progress = StudyProgress(console, spec.objectives[0].metric,
+                             on_summary=functools.partial(_print_summary, console, spec))
     try:
-        summary = run_study(spec, trials=trials, address=address, fresh=fresh,
-                            on_event=StudyProgress(console, spec.objectives[0].metric))
+        summary = run_study(spec, trials=trials, address=address, fresh=fresh, on_event=progress)
     except Interrupted as err:
         err_console.print(f"{err}; rerun the same command to continue", markup=False)
         sys.exit(EXIT_INTERRUPTED)
+    if summary.best_number is None:
+        reasons = "; ".join(f"{r} (x{c})" for r, c in summary.fail_reasons.items())
+        raise RunFailed(f"every trial failed: {reasons}")
+    console.print(f"compare the trials:  dlsearch ui {study}", markup=False)
+    console.print(f"leaderboard:         dlsearch report {study}", markup=False)
+
+
+def _print_summary(console: Console, spec: StudySpec, summary: Any) -> None:
+    """The study's result, printed as soon as its trials are done (the plots and registry come after)."""
     n = summary.n_complete + summary.n_pruned + summary.n_failed
     console.print(
         f"\n{summary.name}: {n} trials finished ({summary.n_complete} complete, {summary.n_pruned} pruned, "
@@ -251,15 +261,12 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
         markup=False,
     )
     if summary.best_number is None:
-        reasons = "; ".join(f"{r} (x{c})" for r, c in summary.fail_reasons.items())
-        raise RunFailed(f"every trial failed: {reasons}")
+        return
     test = f", test_accuracy {summary.best_test_accuracy:.4f}" if summary.best_test_accuracy is not None else ""
     console.print(f"best: trial {summary.best_number}, {spec.objectives[0].metric} {summary.best_value:.4f}{test}",
                   markup=False)
     for key, value in summary.best_params.items():
         console.print(f"  {key} = {value}", markup=False)
-    console.print(f"compare the trials:  dlsearch ui {study}", markup=False)
-    console.print(f"leaderboard:         dlsearch report {study}", markup=False)
 
 
 @main.command()

@@ -6,7 +6,7 @@ epoch is one plain line, so logs stay readable.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from rich.console import Console
 from rich.live import Live
@@ -93,9 +93,11 @@ class StudyProgress:
     line per finished trial.
     """
 
-    def __init__(self, console: Console, objective: str):
+    def __init__(self, console: Console, objective: str,
+                 on_summary: Callable[[Any], None] | None = None):
         self.console = console
         self.objective = objective
+        self.on_summary = on_summary  # prints the study's result as soon as its trials are done
         self.counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
         self.running: dict[int, dict] = {}
         self.best: float | None = None
@@ -132,11 +134,15 @@ class StudyProgress:
         elif kind == "trial_requeued":  # ran out of memory: runs again with more resources, not counted
             self.running.pop(info["number"], None)
             self.console.print(f"trial {info['number']}: {info['reason']}", markup=False)
-        elif kind == "end":
+        elif kind in ("summary", "end"):
             if self._live is not None:
                 self._live.__exit__(None, None, None)
                 self._live = None
+            if kind == "summary" and self.on_summary is not None:
+                self.on_summary(info["summary"])
             return
+        elif kind == "phase":  # the study's end: what it is writing, while it writes
+            self.console.print(info["line"], style="dim", markup=False)
         if self._live is not None:
             self._live.refresh()
 

@@ -206,9 +206,12 @@ def _run_opened(spec: StudySpec, opened: _Opened, started: float, avoid: list[st
     if not interrupted:
         from dlsearch.report.leaderboard import write_study_artifacts
 
+        driver.emit("summary", {"summary": summary})  # people read the result before the slow writes
         with _tempdir() as out:
+            driver.emit("phase", {"line": "writing the leaderboard, importances and plots to the parent run"})
             write_study_artifacts(spec, study, out)
-            if spec.tracking.register_best:
+            if spec.tracking.register_best and summary.best_number is not None and spec.trainable is None:
+                driver.emit("phase", {"line": f"registering the best model as {spec.name}@best"})
                 driver.register_best()
             tracker.finish_study(out)
     else:
