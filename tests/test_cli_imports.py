@@ -1,6 +1,6 @@
 """What the commands that run no trial import, and what `report` reads instead of computing.
 
-`validate`, `report` and `best` never import torch, Ray or MLflow (seconds each on a small
+`validate`, `report`, `best` and `studies` never import torch, Ray or MLflow (seconds each on a small
 machine), and `report` reads the importances a finished run logged instead of importing
 scikit-learn (through Optuna's importance module) to compute them again. Each command runs
 in a fresh interpreter: this test process may have imported everything already.
@@ -113,6 +113,19 @@ def test_report_and_best_read_a_finished_study_without_torch_ray_mlflow_or_sklea
     assert best["exit_code"] == 0, best["output"]
     assert best["loaded"] == [], best["loaded"]
     assert json.loads(best["stdout"])["trial"] == 2
+    as_file = invoke_fresh(["best", str(path)], tmp_path)
+    assert as_file["exit_code"] == 0, as_file["output"]
+    assert as_file["loaded"] == [], as_file["loaded"]
+    assert "name: e2e-digits-trial-2" in as_file["stdout"]
+
+
+def test_studies_lists_the_store_without_torch_ray_mlflow_or_sklearn(tmp_path: Path) -> None:
+    path, _, _ = _finished_study(tmp_path)
+    for args in (["studies", str(path)], ["studies", str(path), "--json"]):
+        found = invoke_fresh(args, tmp_path)
+        assert found["exit_code"] == 0, found["output"]
+        assert found["loaded"] == [], found["loaded"]
+    assert json.loads(found["stdout"])[0]["n_trials"] == {"COMPLETE": 6}
 
 
 def test_report_computes_importances_again_once_the_study_changed(tmp_path: Path) -> None:

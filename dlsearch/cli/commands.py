@@ -12,7 +12,6 @@ import sys
 from typing import Any, Callable
 
 import click
-import yaml
 from rich.console import Console
 
 from dlsearch import __version__
@@ -22,7 +21,16 @@ from dlsearch.config.spec import SpecError, StudySpec, TrackingSpec, load_spec, 
 from dlsearch.config.stores import tracking_uri
 from dlsearch.config.trial_config import one_run_params, trial_config
 from dlsearch.errors import EXIT_FAILED, EXIT_INTERRUPTED, DlsearchError, RunError
-from dlsearch.report.leaderboard import IMPORTANCE_EVALUATOR, best_config, load_study, study_report
+from dlsearch.report.leaderboard import (
+    IMPORTANCE_EVALUATOR,
+    StoredVersion,
+    best_config,
+    best_study_file,
+    load_study,
+    stored_versions,
+    study_report,
+    version_of,
+)
 from dlsearch.trial.data_files import check_data_available
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -37,6 +45,14 @@ def _set_option(f: Callable) -> Callable:
         "--set", "overrides", multiple=True, metavar="PATH=VALUE",
         help="Override a study key by its dotted path, e.g. --set train.epochs=3 "
         "(VALUE is read as YAML; setting a searched key pins it). Repeatable.",
+    )(f)
+
+
+def _version_option(f: Callable) -> Callable:
+    return click.option(
+        "--version", "version", type=click.IntRange(min=1), default=None, metavar="N",
+        help="Which version of the study: 1 is NAME, 2 is NAME-v2 (what `run --fresh` starts), ...; "
+        "default: the newest. `dlsearch studies` lists them.",
     )(f)
 
 
@@ -276,12 +292,14 @@ def _print_summary(console: Console, spec: StudySpec, summary: Any) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True, help="Leaderboard format.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@_version_option
 @_debug_option
 @_handles_errors
-def report(study: str, overrides: tuple[str, ...], top: int | None, fmt: str, as_json: bool) -> None:
+def report(study: str, overrides: tuple[str, ...], top: int | None, fmt: str, as_json: bool,
+           version: int | None) -> None:
     """Leaderboard of STUDY's trials (state, value, epochs run, params), parameter importances,
     and where the study's plots are."""
-    spec, optuna_study = _study_as_run(study, overrides)
+    spec, optuna_study = _study_as_run(study, overrides, version)
     found = study_report(spec, optuna_study)
     table = found.leaderboard.head(top) if top else found.leaderboard
     if as_json or fmt == "json":
@@ -309,25 +327,73 @@ def report(study: str, overrides: tuple[str, ...], top: int | None, fmt: str, as
 @main.command()
 @click.argument("study", type=click.Path(dir_okay=False))
 @_set_option
-@click.option("--json", "as_json", is_flag=True, help="Print trial, value, params and the full config as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print trial, value, params and the full config as JSON, with the version's study name "
+              "and number.")
+@_version_option
 @_debug_option
 @_handles_errors
-def best(study: str, overrides: tuple[str, ...], as_json: bool) -> None:
-    """The best trial's full configuration, as YAML that a study file or --set can take."""
-    spec, optuna_study = _study_as_run(study, overrides)
+def best(study: str, overrides: tuple[str, ...], as_json: bool, version: int | None) -> None:
+    """The best trial as a study file: STUDY as it ran, with the best trial's values fixed.
+
+    `validate` accepts it and `run` / `train` take it: dlsearch best STUDY > best.yaml, then
+    dlsearch run best.yaml --set budget.trials=1 trains the best configuration again (a new study).
+    """
+    spec, optuna_study = _study_as_run(study, overrides, version)
+    if len(optuna_study.directions) > 1:
+        raise RunFailed(f"{optuna_study.study_name} has {len(optuna_study.directions)} objectives, so no single "
+                        f"best trial; `dlsearch report` ranks them")
     try:
-        found = best_config(spec, optuna_study)
-    except ValueError:
+        if as_json:
+            found = best_config(spec, optuna_study)
+            found["study"], found["version"] = optuna_study.study_name, version_of(spec, optuna_study)
+            click.echo(json.dumps(found, indent=2, default=str))
+        else:
+            click.echo(best_study_file(spec, optuna_study, study), nl=False)
+    except ValueError:  # Optuna's best_trial, before any trial completed
         raise RunFailed(f"{optuna_study.study_name} has no complete trial yet") from None
+
+
+@main.command()
+@click.argument("study", required=False, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the versions as a JSON list.")
+@_debug_option
+@_handles_errors
+def studies(study: str | None, as_json: bool) -> None:
+    """The studies and their versions in STUDY's Optuna store (tracking.optuna_storage), or in the
+    default store sqlite:///mlruns/optuna.db of this directory: trials by state, best value, last update.
+
+    `report` and `best` take --version N for the versions listed here.
+    """
+    url = load_spec(study).tracking.optuna_storage if study else TrackingSpec().optuna_storage
+    found = stored_versions(url)
     if as_json:
-        click.echo(json.dumps(found, indent=2, default=str))
-        return
-    click.echo(f"# best trial {found['trial']} of {optuna_study.study_name}: "
-               f"{found['objective']} = {found['value']:.4f}"
-               + (f", test_accuracy = {found['test_accuracy']:.4f}" if found["test_accuracy"] is not None else ""))
-    click.echo(f"# MLflow run {found['mlflow_run_id']}; searched: "
-               + ", ".join(f"{k}={v}" for k, v in found["params"].items()))
-    click.echo(yaml.safe_dump(found["config"], sort_keys=False), nl=False)
+        click.echo(json.dumps([v.record() for v in found], indent=2))
+    elif not found:
+        click.echo(f"no studies in {url}")
+    else:
+        # As wide as the table needs (as `report` prints its leaderboard): rich would squeeze it into 80
+        # columns when stdout is not a terminal.
+        click.echo(f"studies in {url}")
+        Console(highlight=False, width=10_000).print(_studies_table(found))
+
+
+def _studies_table(found: list[StoredVersion]) -> Any:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for name, justify in [("study", "left"), ("version", "right"), ("complete", "right"),
+                          ("pruned", "right"), ("failed", "right"), ("running", "right"), ("objective", "left"),
+                          ("best", "right"), ("trial", "right"), ("last update", "left")]:
+        table.add_column(name, justify=justify, no_wrap=True)
+    for v in found:
+        n = v.n_trials
+        table.add_row(v.study, str(v.version), str(n.get("COMPLETE", 0)), str(n.get("PRUNED", 0)),
+                      str(n.get("FAIL", 0)), str(n.get("RUNNING", 0) + n.get("WAITING", 0)), ", ".join(v.objectives),
+                      "" if v.best_value is None else f"{v.best_value:.4f}",
+                      "" if v.best_trial is None else str(v.best_trial),
+                      v.last_update.strftime("%Y-%m-%d %H:%M:%S") if v.last_update else "")
+    return table
 
 
 @main.command()
@@ -351,11 +417,12 @@ def ui(study: str | None, port: int, host: str, uri: str | None) -> None:
     sys.exit(serve_ui(backend, host, port, out=Console(highlight=False, soft_wrap=True), progress=err_console))
 
 
-def _study_as_run(study: str, overrides: tuple[str, ...]) -> tuple[StudySpec, Any]:
-    """The spec with the `--set` overrides the study was run with (then these), and its Optuna study."""
+def _study_as_run(study: str, overrides: tuple[str, ...], version: int | None = None) -> tuple[StudySpec, Any]:
+    """The spec with the `--set` overrides the study was run with (then these), and its Optuna study
+    (version `version`, default the newest)."""
     spec = load_spec(study, overrides)
     try:
-        optuna_study = load_study(spec)
+        optuna_study = load_study(spec, version)
     except KeyError as err:
         raise RunFailed(str(err.args[0])) from None
     stored = tuple(optuna_study.user_attrs.get("overrides", ()))

@@ -133,3 +133,36 @@ def _flatten(node: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
             _flatten(value, f"{prefix}.{key}", out)
         else:
             out[f"{prefix}.{key}"] = value
+
+
+def pinned_study(spec: StudySpec, params: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The study as a plain dict, renamed to `name`, with the sampled `params` fixed: what `dlsearch best`
+    prints, which `validate` accepts and `run` / `train` take.
+
+    Only the keys the study file (and its `--set` overrides) gave are kept, so defaults stay implicit
+    and keys that mean nothing for the study (`data.n_features` of digits) do not appear. Each dotted
+    key of `params` is fixed in its section (what `train` runs) and each searched key is pinned to a
+    one-choice categorical: `run` needs a search, and a trainable's plain key has no section to hold it.
+    A searched key that `params` lacks stays searched where its `when:` holds with these values, and
+    goes where it does not (a condition on a pinned key that can never hold again is invalid).
+    """
+    study = spec.model_dump(exclude_unset=True)
+    study["name"] = name
+    for path, value in params.items():
+        if "." not in path:
+            continue  # a trainable's plain key: pinned in the search below
+        section, *inner = path.split(".")
+        node = study.setdefault(section, {})
+        for part in inner[:-1]:
+            node = node.setdefault(part, {})
+        node[inner[-1]] = value
+    search: dict[str, Any] = {}
+    for key, dim in spec.search.items():
+        if key in params:
+            search[key] = {"type": "categorical", "choices": [params[key]]}
+        elif _holds(dim.when or {}, params, spec):
+            search[key] = dim.model_dump(exclude_unset=True)
+    for key, value in params.items():  # a key the study file no longer searches: the trial still ran with it
+        search.setdefault(key, {"type": "categorical", "choices": [value]})
+    study["search"] = search
+    return {key: study[key] for key in StudySpec.model_fields if key in study}  # the schema's order

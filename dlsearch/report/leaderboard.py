@@ -1,8 +1,9 @@
-"""A study's results for people: the leaderboard, parameter importances, plots, the best config.
+"""A study's results for people: the leaderboard, parameter importances, plots, the best trial as a
+study file, and the versions of the studies in a store.
 
 Everything here reads the Optuna storage (the source of truth for trial states and values)
 and, for what a run logged when it ended, the MLflow store; nothing here writes to either.
-`dlsearch report` and `best` load only Optuna: MLflow, matplotlib and scikit-learn (behind
+`dlsearch report`, `best` and `studies` load only Optuna: MLflow, matplotlib and scikit-learn (behind
 Optuna's importance module) take seconds to import and are loaded only where needed.
 """
 
@@ -12,17 +13,24 @@ import csv
 import io
 import json
 import math
+import re
+import textwrap
 import warnings
+from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import optuna
+import yaml
 from optuna.trial import TrialState
 
 from dlsearch.config.spec import StudySpec
-from dlsearch.config.trial_config import trial_config
+from dlsearch.config.stores import tracking_uri
+from dlsearch.config.trial_config import pinned_study, trial_config
+from dlsearch.errors import InputError
 from dlsearch.search.storage import open_storage, study_versions
 
 PLOTS = ("optimization_history.png", "param_importances.png", "learning_curves.png", "parallel_coordinates.png")
@@ -101,13 +109,71 @@ class StudyReport:
     plots: list[str]
 
 
-def load_study(spec: StudySpec) -> optuna.Study:
-    """The newest version of the study in its Optuna storage; SpecError-free KeyError if absent."""
+class UnknownVersion(InputError):
+    """`--version N` names a version of the study that its store does not hold (exit 2)."""
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """One version of a study in an Optuna store, as `dlsearch studies` lists it."""
+
+    study: str  # the study's name, as its file gives it
+    version: int  # 1 for `study`, N for `study-vN`
+    optuna_name: str
+    n_trials: dict[str, int]  # by state: COMPLETE, PRUNED, FAIL, RUNNING, WAITING (only those present)
+    objectives: tuple[str, ...]  # "maximize val_accuracy", one per objective
+    best_value: float | None  # None with no complete trial, or several objectives
+    best_trial: int | None
+    last_update: datetime | None  # when its newest trial finished (or started, while it runs)
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-ready dict (the timestamp in ISO 8601)."""
+        return {"study": self.study, "version": self.version, "optuna_name": self.optuna_name,
+                "n_trials": self.n_trials, "objectives": list(self.objectives),
+                "best_value": _json_value(self.best_value), "best_trial": self.best_trial,
+                "last_update": self.last_update.isoformat(timespec="seconds") if self.last_update else None}
+
+
+def load_study(spec: StudySpec, version: int | None = None) -> optuna.Study:
+    """Version `version` of the study from its Optuna storage: 1 is `name`, 2 is `name-v2`, ...; the
+    newest by default. KeyError (SpecError-free) when the store holds no version of it; UnknownVersion,
+    naming the versions it does hold, when it lacks that one."""
     storage = open_storage(spec)
     versions = study_versions(spec, storage)
     if not versions:
         raise KeyError(f"no study named {spec.name!r} in {spec.tracking.optuna_storage}; run it first")
-    return optuna.load_study(study_name=versions[-1], storage=storage)
+    if version is not None and not 1 <= version <= len(versions):
+        held = ", ".join(f"{n} ({name})" for n, name in enumerate(versions, start=1))
+        raise UnknownVersion(f"--version {version}: {spec.name} has no version {version} in "
+                             f"{spec.tracking.optuna_storage}; it has {held}")
+    return optuna.load_study(study_name=versions[(version or len(versions)) - 1], storage=storage)
+
+
+def version_of(spec: StudySpec, study: optuna.Study) -> int:
+    """The version number of `study`, a version of `spec`'s study: 1 for `name`, N for `name-vN`."""
+    suffix = study.study_name.removeprefix(spec.name)
+    return int(suffix[2:]) if suffix.startswith("-v") and suffix[2:].isdigit() else 1
+
+
+def stored_versions(storage_url: str) -> list[StoredVersion]:
+    """Every version of every study in the Optuna store at `storage_url`, by study name and version.
+
+    `name-vN` (N >= 2) is version N of `name` when the store holds `name`; any other study is version 1
+    of itself. A SQLite file that does not exist holds nothing (and is not created).
+    """
+    path = _sqlite_path(storage_url)
+    if path is not None and not path.exists():
+        return []
+    url = tracking_uri(storage_url)
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
+                                         if url.startswith("sqlite:") else {})
+    names = set(optuna.get_all_study_names(storage))
+    found = []
+    for name in names:
+        match = re.fullmatch(r"(.+)-v([0-9]+)", name)
+        study, version = (match[1], int(match[2])) if match and match[1] in names and int(match[2]) >= 2 else (name, 1)
+        found.append(_stored_version(optuna.load_study(study_name=name, storage=storage), study, version))
+    return sorted(found, key=lambda v: (v.study, v.version))
 
 
 def study_report(spec: StudySpec, study: optuna.Study) -> StudyReport:
@@ -207,6 +273,49 @@ def best_config(spec: StudySpec, study: optuna.Study) -> dict[str, Any]:
     }
 
 
+def best_study_file(spec: StudySpec, study: optuna.Study, source: str) -> str:
+    """`dlsearch best`: the best trial as a study file that `validate` accepts and `run` / `train` take.
+
+    The study as it ran (the `--set` overrides it was run with applied), its best trial's values fixed
+    (`pinned_study`), renamed `<version>-trial-<n>` so that `run` starts a new study instead of
+    continuing this one, under a header saying where it comes from and how to run it. `source` is the
+    study file as the user named it, for the commands in the header.
+    """
+    best = study.best_trial
+    name = f"{study.study_name}-trial-{best.number}"
+    metric = spec.objectives[0].metric
+    pins = " ".join(f"--set {o}" for o in spec.overrides)
+    pinned = pinned_study(spec, best.params, name)
+    left = [k for k in pinned["search"] if k not in best.params]
+    same_seed = best.number == 0
+    about = (
+        f"The study as it ran{f' ({pins})' if pins else ''} with the trial's values fixed: in their sections, and "
+        f"in search as one-choice keys (run needs a search{'; still searched: ' + ', '.join(left) if left else ''}). "
+        f"Renamed, so that run starts a new study instead of continuing {study.study_name}. Same seed, so the "
+        f"same train/val split; a trial's own seed (init, shuffling, dropout) comes from its number, so trial 0 "
+        + ("here draws the seed trial 0 did: expect the same value." if same_seed else
+           f"here draws another than trial {best.number} did: expect {metric} within seed noise of "
+           f"{best.value:.4f}, not to the digit.")
+    )
+    if spec.trainable or spec.data.factory or spec.model.factory:
+        about += (f" Entry points are looked for beside the study file: save this file in "
+                  f"{spec.path.parent if spec.path else 'its folder'}.")
+    test_accuracy = best.user_attrs.get("test_accuracy")
+    test = f", test_accuracy {test_accuracy:.4f}" if test_accuracy is not None else ""
+    run_id = best.user_attrs.get("mlflow_run_id")
+    lines = [
+        f"{name}: the best trial of {study.study_name} (version {version_of(spec, study)}), from {source}",
+        f"  trial {best.number}: {metric} {best.value:.4f}{test}" + (f" (MLflow run {run_id})" if run_id else ""),
+        *textwrap.wrap(about, width=106),
+        "",
+        f"Save:  dlsearch best {source} > best.yaml",
+        "Run:   dlsearch run best.yaml --set budget.trials=1",
+        "       dlsearch train best.yaml      (one trial in-process: no Ray, no tracking)",
+    ]
+    header = "".join(f"# {line}".rstrip() + "\n" for line in lines)
+    return header + "\n" + _study_yaml(pinned)
+
+
 def write_study_artifacts(spec: StudySpec, study: optuna.Study, out: Path) -> list[Path]:
     """Leaderboard CSV, importances JSON and the study's plots (PNG) into `out`; returns the files."""
     out.mkdir(parents=True, exist_ok=True)
@@ -289,6 +398,63 @@ def _learning_curves(spec: StudySpec, study: optuna.Study) -> Any:
     ax.set_title(f"{study.study_name}: learning curves of {len(study.trials)} trials")
     ax.legend(loc="best")
     return ax
+
+
+class _StudyDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, writing `_Flow` mappings on one line (`{type: float, low: 0, high: 1}`)."""
+
+
+class _Flow(dict):
+    """A mapping written in flow style."""
+
+
+_StudyDumper.add_representer(
+    _Flow, lambda dumper, data: dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True))
+_BLOCK_SECTIONS = ("data", "model", "train", "search", "resources", "tracking")  # one key a line, as studies/ write them
+
+
+def _study_yaml(study: dict[str, Any]) -> str:
+    """A study dict as the files in studies/ write it: a mapping of plain values on one line (search
+    dimensions, `objective`, `early_stopping`), the sections one key a line, set apart by blank lines."""
+
+    def styled(node: Any, block: bool) -> Any:
+        if not isinstance(node, dict):
+            return node
+        inner = {k: styled(v, False) for k, v in node.items()}
+        return inner if block or any(isinstance(v, dict) for v in node.values()) else _Flow(inner)
+
+    out, after_block = [], False
+    for key, value in study.items():
+        block = key in _BLOCK_SECTIONS
+        text = yaml.dump({key: styled(value, block)}, Dumper=_StudyDumper, sort_keys=False,
+                         default_flow_style=False, width=120)
+        out.append(("\n" if block or after_block else "") + text)
+        after_block = block
+    return "".join(out)
+
+
+def _stored_version(study: optuna.Study, name: str, version: int) -> StoredVersion:
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state.name for t in trials)
+    metrics = study.metric_names or [None] * len(study.directions)
+    objectives = tuple(f"{d.name.lower()} {m}" if m else d.name.lower() for d, m in zip(study.directions, metrics))
+    best = None
+    if len(study.directions) == 1 and states["COMPLETE"]:
+        best = study.best_trial
+    times = [t.datetime_complete or t.datetime_start for t in trials if t.datetime_complete or t.datetime_start]
+    return StoredVersion(
+        study=name, version=version, optuna_name=study.study_name,
+        n_trials={s: states[s] for s in _STATE_ORDER if states[s]},
+        objectives=objectives, best_value=best.value if best else None, best_trial=best.number if best else None,
+        last_update=max(times) if times else None,
+    )
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///` URL (relative to the cwd unless absolute), else None."""
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return None
+    return Path(url[len("sqlite:///"):])
 
 
 def _has_complete(study: optuna.Study) -> bool:
