@@ -216,7 +216,7 @@ def test_download_failure_is_one_clear_message(tmp_path: Path, isolated: Path,
     assert str(tmp_path / "env" / "fashion_mnist") in message and str(cache) in message
     assert f"downloading into {cache} failed: {UNREACHABLE}train-images-idx3-ubyte.gz: " in message
     assert "Set data.root" in message and "DLSEARCH_DATA_DIR" in message
-    assert list(cache.iterdir()) == []  # no partial file left behind
+    assert not cache.exists()  # no partial file left behind, nor the empty folder the download made
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -255,7 +255,7 @@ def test_download_verifies_md5_and_falls_back_to_the_next_mirror(
     monkeypatch.setattr(data, "_MIRRORS", {"fashion_mnist": (url,)})
     with pytest.raises(DataError, match="checksum mismatch"):
         load_data(DataSpec(dataset="fashion_mnist"), seed=0)
-    assert list((isolated / "dlsearch" / "fashion_mnist").iterdir()) == []
+    assert not (isolated / "dlsearch" / "fashion_mnist").exists()  # no partial file, no empty folder
 
 
 def test_no_download_when_the_files_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -84,9 +84,11 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
                 data = load_data(cfg.data, cfg.data_seed, base_dir=cfg.base_dir)  # cached per worker
                 result = train_trial(cfg, data, reporter, resume=resume)
         except Exception as err:  # noqa: BLE001 - any error ends this trial as FAIL; the study goes on
-            # dlsearch's own errors (a broken `report` contract, missing data) are one line; anything
-            # else keeps its traceback, in the worker's log and in the trial's MLflow run.
-            where = "" if isinstance(err, DlsearchError) else traceback.format_exc()
+            # An exception of the user's own code (a trainable, a model or data factory) keeps its
+            # traceback, in the worker's log and in the trial's MLflow run; dlsearch's own errors (a
+            # broken `report` contract, a setting the loop refuses) are their one line.
+            own_code = cfg.trainable or cfg.model.kind == "custom" or cfg.data.dataset == "custom"
+            where = traceback.format_exc() if own_code and not isinstance(err, DlsearchError) else ""
             if where:
                 print(f"trial {member.number} failed:\n{where}", file=sys.stderr, flush=True)
             reporter.final(TrialEnd.failed(_one_line(err), _out_of_memory(err), where))

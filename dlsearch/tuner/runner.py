@@ -127,11 +127,11 @@ def run_study(
         fetch_checkpoint(ref, spec.tracking.uri, str(spec.path.parent) if spec.path else None)
     spec, _ = with_source_architecture(spec)  # fine-tune the source's depth and width, as logged with it
     emit = on_event or (lambda kind, info: None)
+    if _joins_cluster(address):
+        # The cluster's node checks may refuse the study (exit 2): before the lock makes any store.
+        with _ray_for(spec, address, emit) as avoid, study_lock(spec):
+            return _run_opened(spec, _open_study(spec, trials, fresh), started, avoid, emit)
     with study_lock(spec):
-        if _joins_cluster(address):
-            # The cluster's node checks may refuse the study (exit 2): before any store is written.
-            with _ray_for(spec, address, emit) as avoid:
-                return _run_opened(spec, _open_study(spec, trials, fresh), started, avoid, emit)
         # A local Ray starts (and its workers import torch) while the stores and the parent run are made.
         with ThreadPoolExecutor(1, thread_name_prefix="dlsearch-open") as pool:
             opening = pool.submit(_open_study, spec, trials, fresh)
