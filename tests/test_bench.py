@@ -86,3 +86,81 @@ def test_quick_sampler_and_memory_benchmarks_record_sane_figures() -> None:
     text = memory.markdown(result)
     assert "| MNIST MLP (quick) | bare |" in text and "| MNIST MLP (quick) | dlsearch |" in text, text
     assert memory.summary(result)
+
+
+def test_quick_versus_benchmark_times_dlsearch_run_beside_the_plain_optuna_script() -> None:
+    import re
+
+    from bench import versus
+
+    # The driver's own CPU time is read from /proc after it exited, before it is reaped.
+    busy = versus.timed_process(
+        [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"],
+        REPO, versus._env())
+    assert 0.25 <= busy["driver_cpu_s"] <= busy["wall_s"] + 0.05 and busy["driver_cpu_s"] <= busy["tree_cpu_s"] + 0.05
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-write", "versus"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    # 3 trials x at most 2 epochs on each side, each a whole process timed from start to exit.
+    for side in ("dlsearch", "optuna"):
+        found = re.search(rf"^  {side}: wall ([\d.]+) s, 3 trials, (\d+) epochs trained, best (0\.\d+)", out, re.MULTILINE)
+        assert found, out
+        assert float(found.group(1)) > 0 and 3 <= int(found.group(2)) <= 6, out
+    assert re.search(r"quickstart dlsearch/plain [\d.]+x against optuna", out), out
+    assert "wrote " not in out
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "mnist").is_dir(), reason="MNIST is read from ../shared/data")
+def test_gpu_benchmark_dry_run_runs_every_case_through_dlsearch_run_on_the_cpu_and_writes_nothing() -> None:
+    import re
+
+    from bench import __main__ as cli
+    from bench import gpu
+
+    assert cli.SUITE["gpu"] is gpu and "gpu" in cli.ONLY_WHEN_NAMED  # a plain `python -m bench` leaves it out
+    raw = REPO / "bench" / "out" / "gpu.json"
+
+    def gpu_section() -> str:  # the only section `python -m bench gpu` writes (others may change meanwhile)
+        text = (REPO / "BENCHMARKS.md").read_text()
+        start = text.index(gpu.HEADING)
+        end = text.find("\n## ", start + len(gpu.HEADING))
+        return text[start:end if end >= 0 else len(text)]
+
+    before = (gpu_section(), raw.stat().st_mtime if raw.exists() else None)
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "gpu", "--dry-run"],
+        cwd=REPO, capture_output=True, text=True, timeout=1400, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert "DRY RUN on the CPU" in out, out
+    # Every case ran as its own `dlsearch run` and finished its tiny budget, with a trials/min figure.
+    for case in gpu.CASES:
+        found = re.search(rf"^  {case.key}: {re.escape(case.label)}: wall ([\d.]+) s, (\d+) trials finished "
+                          rf"\(budget (\d+)\), ([\d.]+) trials/min, ([\d.]+)x one trial per GPU; .*"
+                          rf"best val_accuracy (0\.\d+|1\.0+)", out, re.MULTILINE)
+        assert found, (case.key, out)
+        assert float(found.group(1)) > 0 and int(found.group(2)) == int(found.group(3)) == case.dry_trials, out
+        assert float(found.group(4)) > 0 and float(found.group(5)) > 0, out
+    assert re.search(r"goals: shared >= 10x one trial per GPU: [\d.]+x \([248] trials share the GPU\), dry run: not "
+                     r"judged; populations >= 50x: [\d.]+x \(population K=(16|64|256)\), dry run: not judged", out), out
+    # The sampler is seeded and asks in order: trial n has the same parameters in every case.
+    found = re.search(r"same trials in every case: (\d+) trial numbers finished everywhere, "
+                      r"with the same parameters in every case: yes", out)
+    assert found and int(found.group(1)) == min(c.dry_trials for c in gpu.CASES), out
+
+    # Nothing written but a temporary file with the section, marked dry run, one row per case.
+    assert "wrote " not in out
+    assert (gpu_section(), raw.stat().st_mtime if raw.exists() else None) == before
+    found = re.search(r"the section it would write \(marked dry run\) is in (\S+\.md)", out)
+    assert found, out
+    section = Path(found.group(1)).read_text()
+    assert section.startswith(gpu.HEADING) and "**DRY RUN on the CPU**" in section, section
+    assert all(f"| {case.label} | gpus_per_trial 0, max_concurrent {case.max_concurrent}" in section
+               for case in gpu.CASES), section
