@@ -31,9 +31,10 @@ from dlsearch.config.spec import StudySpec
 from dlsearch.config.stores import tracking_uri
 from dlsearch.config.trial_config import pinned_study, trial_config
 from dlsearch.errors import InputError
+from dlsearch.report import plots
+from dlsearch.report.plots import PLOTS
 from dlsearch.search.storage import open_storage, study_versions
 
-PLOTS = ("optimization_history.png", "param_importances.png", "learning_curves.png", "parallel_coordinates.png")
 IMPORTANCE_EVALUATOR = "PED-ANOVA"  # the evaluator `importances` asks Optuna for (see _evaluator)
 # The Optuna study's user attribute holding its MLflow parent run's artifact URI (set by the driver).
 ARTIFACT_URI_ATTR = "mlflow_artifact_uri"
@@ -319,43 +320,16 @@ def best_study_file(spec: StudySpec, study: optuna.Study, source: str) -> str:
 def write_study_artifacts(spec: StudySpec, study: optuna.Study, out: Path) -> list[Path]:
     """Leaderboard CSV, importances JSON and the study's plots (PNG) into `out`; returns the files."""
     out.mkdir(parents=True, exist_ok=True)
+    found = importances(study)
     (out / "leaderboard.csv").write_text(leaderboard(study).csv())
-    (out / "importances.json").write_text(json.dumps(importances(study), indent=2))
-    return [out / "leaderboard.csv", out / "importances.json"] + write_plots(spec, study, out)
+    (out / "importances.json").write_text(json.dumps(found, indent=2))
+    return [out / "leaderboard.csv", out / "importances.json"] + plots.write_plots(
+        spec, study, out, found, IMPORTANCE_EVALUATOR)
 
 
 def write_plots(spec: StudySpec, study: optuna.Study, out: Path) -> list[Path]:
-    import matplotlib  # ~0.5 s to import: only the end of a run draws plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    written = []
-    single = len(study.directions) == 1
-    makers = {
-        "optimization_history.png": (lambda: ovm.plot_optimization_history(study)) if single else None,
-        "param_importances.png": (lambda: ovm.plot_param_importances(study, evaluator=_evaluator()))
-        if single and importances(study) else None,
-        "learning_curves.png": lambda: _learning_curves(spec, study),
-        "parallel_coordinates.png": (lambda: ovm.plot_parallel_coordinate(study)) if single else None,
-    }
-    for name, make in makers.items():
-        if make is None:
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-                ax = make()
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(9, 5.5)
-            fig.tight_layout()
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            written.append(out / name)
-        except (ValueError, RuntimeError, IndexError):
-            plt.close("all")  # too few trials for this plot
-    return written
+    """The study's plots (`dlsearch.report.plots`) into `out`, with the importances computed here."""
+    return plots.write_plots(spec, study, out, importances(study), IMPORTANCE_EVALUATOR)
 
 
 def _evaluator() -> Any:
@@ -372,32 +346,6 @@ def _parent_artifact_uri(spec: StudySpec, study: optuna.Study) -> str | None:
 
     run = MlflowTracker(spec, study.study_name).find_parent()
     return run.info.artifact_uri if run is not None else None
-
-
-def _learning_curves(spec: StudySpec, study: optuna.Study) -> Any:
-    """Every trial's objective per epoch on one axis, coloured by how the trial ended."""
-    import matplotlib.pyplot as plt
-
-    colors = {"COMPLETE": "tab:blue", "PRUNED": "tab:orange", "FAIL": "tab:red"}
-    fig, ax = plt.subplots()
-    best = study.best_trial if study.directions and len(study.directions) == 1 and _has_complete(study) else None
-    for t in study.get_trials(deepcopy=False):
-        steps = sorted(t.intermediate_values)
-        values = [t.intermediate_values[s] for s in steps]
-        if not steps or not all(math.isfinite(v) for v in values):
-            continue
-        is_best = best is not None and t.number == best.number
-        ax.plot(steps, values, color="black" if is_best else colors.get(t.state.name, "gray"),
-                alpha=1.0 if is_best else 0.55, linewidth=2.2 if is_best else 1.0)
-    for state, color in colors.items():
-        ax.plot([], [], color=color, label=state.lower())
-    if best is not None:
-        ax.plot([], [], color="black", linewidth=2.2, label=f"best (trial {best.number})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(spec.objectives[0].metric)
-    ax.set_title(f"{study.study_name}: learning curves of {len(study.trials)} trials")
-    ax.legend(loc="best")
-    return ax
 
 
 class _StudyDumper(yaml.SafeDumper):
@@ -455,10 +403,6 @@ def _sqlite_path(url: str) -> Path | None:
     if not url.startswith("sqlite:///") or url.endswith(":memory:"):
         return None
     return Path(url[len("sqlite:///"):])
-
-
-def _has_complete(study: optuna.Study) -> bool:
-    return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
 
 def _is_number(value: Any) -> bool:
