@@ -6,13 +6,15 @@ result under the one key `REPORT_KEY`, so that no metric a trial names can colli
 with Tune's own keys:
 
 - `EpochReport`: one epoch of one trial (the built-in loop's or a custom trainable's metrics);
-- `PopulationEpoch`: one epoch of every member of a population, by trial number;
+- `PopulationEpoch`: one round of a population: an epoch of each member, by trial number, each
+  at its own epoch (a member that joined later is behind), and the members that ended in it;
 - `TrialEnd`: how a trial (or, in a `PopulationEnd`, each member) ended: its state, the
   reason of a failure, its best and last epochs' metrics, its test metrics.
 
 The driver answers with prune decisions: for a single trial, Tune's STOP (the trial
-raises out of `report`); for a population, the members to stop, posted to the
-study's board. The files of a trial's last checkpoint are named here too.
+raises out of `report`); for a population, a `RoundAnswer` posted to the study's board:
+the members to stop and the newcomers that take the free slots. The files of a trial's
+checkpoints are named here too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ STATE_FILE = "state.pt"  # resume state
 MODEL_DIR = "model"  # the final checkpoint's model files, logged to MLflow as the trial's checkpoint
 BEST_FILE = "best.pt"  # the best epoch's weights (built-in loop)
 LAST_FILE = "last.pt"  # a custom trainable's last checkpoint
-MEMBERS_DIR = "members"  # a population's final checkpoint: members/<number>/model/best.pt
+MEMBERS_DIR = "members"  # a population's checkpoint: members/<number>/model/best.pt of members that completed
 ARTIFACTS_DIR = "artifacts"  # files a custom trainable logged
 
 
@@ -93,10 +95,23 @@ class EpochReport:
 
 @dataclass(frozen=True)
 class PopulationEpoch:
-    """One epoch of a population: each member's metrics by trial number."""
+    """One round of a population: each member that trained in it, by trial number, at its own epoch.
 
-    epoch: int
+    `ended` holds the members that ended in the round on their own (COMPLETE: epochs done or
+    early stopping; FAIL: diverged); a completed member's best weights are in the checkpoint
+    that goes with the report (`checkpointed`), under `members/<number>/model/best.pt`.
+    """
+
+    round: int  # rounds the population has run (1, 2, ...): a restarted worker repeats some
     members: dict[int, dict[str, float]]
+    epochs: dict[int, int] = field(default_factory=dict)  # each member's own epoch
+    ended: dict[int, "TrialEnd"] = field(default_factory=dict)
+    checkpointed: bool = False  # a checkpoint goes with this report: the driver answers once it has it
+
+    @property
+    def epoch(self) -> int:
+        """Tune's view of progress: the population's round."""
+        return self.round
 
 
 @dataclass(frozen=True)
@@ -132,8 +147,17 @@ class TrialEnd:
 
 
 @dataclass(frozen=True)
+class RoundAnswer:
+    """The driver's answer to a population's round, posted to the board: the members to stop
+    (pruned), and newly asked trials that join at their epoch 1 in the slots set free."""
+
+    stop: list[int] = field(default_factory=list)
+    add: list[Member] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class PopulationEnd:
-    """How each member of a population ended, by trial number."""
+    """How the members still training ended when the population stopped at once (an exception)."""
 
     members: dict[int, TrialEnd]
 

@@ -8,6 +8,7 @@ fault. Small MLPs on scikit-learn's digits, on the CPU, a few epochs each.
 
 from __future__ import annotations
 
+import copy
 from typing import Iterator, Mapping
 
 import pytest
@@ -18,6 +19,9 @@ from dlsearch.trial.models import build_model
 from dlsearch.trial.population import (
     check_stackable,
     clip_grad_norm_per_member_,
+    Answer,
+    Population,
+    Round,
     group_stackable,
     stack_problems,
     train_population,
@@ -186,18 +190,87 @@ def test_a_report_that_raises_trial_pruned_prunes_that_member() -> None:
     assert [(r.state, r.epochs_run) for r in results] == [("PRUNED", 1), ("COMPLETE", 3)]
 
 
-def test_an_epoch_report_sees_every_training_member_and_stops_those_it_returns() -> None:
+def test_a_round_report_sees_every_training_member_and_stops_those_it_returns() -> None:
     cfgs = [make_cfg("train.epochs=3", f"train.lr={lr}") for lr in (0.01, 0.02, 0.005)]
-    seen: list[tuple[int, list[int]]] = []
+    seen: list[tuple[int, list[int], list[int]]] = []
 
-    def report_epoch(epoch: int, metrics: Mapping[int, Mapping[str, float]]) -> list[int]:
-        seen.append((epoch, sorted(metrics)))
-        assert all(set(m) >= set(METRICS) for m in metrics.values())
-        return [2] if epoch == 1 else []
+    def on_round(round_: Round) -> Answer:
+        seen.append((round_.index, sorted(round_.metrics), sorted(round_.ended)))
+        assert all(set(m) >= set(METRICS) for m in round_.metrics.values())
+        return Answer(stop=[2] if round_.index == 1 else [])
 
-    results = train_population(cfgs, data_for(cfgs[0]), report_epoch=report_epoch)
-    assert seen == [(1, [0, 1, 2]), (2, [0, 1]), (3, [0, 1])]
+    results = train_population(cfgs, data_for(cfgs[0]), on_round=on_round)
+    assert seen == [(1, [0, 1, 2], []), (2, [0, 1], []), (3, [0, 1], [0, 1])]
     assert [(r.state, r.epochs_run) for r in results] == [("COMPLETE", 3), ("COMPLETE", 3), ("PRUNED", 1)]
+
+
+# ---------------------------------------------------------------- refill and resume
+
+
+def test_a_newcomer_starts_at_epoch_1_with_fresh_weights_and_optimizer_beside_older_members() -> None:
+    """Member 1 joins at round 2 while member 0 is at its epoch 2: its curve is the one it gets
+    alone from a fresh start on the same batches (the population's second shuffle), its schedule
+    from the start; member 0 goes on as if alone; each ends at its own epochs."""
+    common = ("train.epochs=3", "model.dropout=0", "train.schedule=cosine", "train.grad_clip=0.5")
+    old, new = make_cfg(*common, "train.lr=0.01"), make_cfg(*common, "train.lr=0.003", "model.init=orthogonal",
+                                                             number=1)
+    data = data_for(old)
+    rounds: list[Round] = []
+
+    def on_round(round_: Round) -> Answer:
+        rounds.append(round_)
+        return Answer(add=[new] if round_.index == 1 else [])
+
+    results = train_population([old], data, shuffle_seed=7, on_round=on_round)
+    assert [r.epochs for r in rounds] == [{0: 1}, {0: 2, 1: 1}, {0: 3, 1: 2}, {1: 3}]
+    assert [sorted(r.ended) for r in rounds] == [[], [], [0], [1]]
+    assert_same_curve(results[0], train_population([old], data, shuffle_seed=7)[0], tolerance=1e-6)
+    alone = Population([new], data, shuffle_seed=7)
+    torch.randperm(len(data.y_train), generator=alone.shuffle)  # the round it did not train in
+    while alone.training:
+        alone.run_round()
+    assert_same_curve(results[1], alone.results()[0], tolerance=1e-6)
+    assert results[1].history[0]["lr"] == pytest.approx(0.003)  # the schedule's start: epoch 1's lr
+
+
+def test_a_newcomer_takes_a_pruned_members_slot_and_the_others_are_unchanged() -> None:
+    # Dropout on: masks follow the slot, so member 0's curve does not depend on the swap.
+    cfgs = [make_cfg("train.epochs=3", f"train.lr={lr}", "model.dropout=0.2") for lr in (0.01, 0.02)]
+    newcomer = make_cfg("train.epochs=3", "train.lr=0.005", "model.dropout=0.3", number=2)
+    data = data_for(cfgs[0])
+    reference = train_population(cfgs, data)
+
+    def on_round(round_: Round) -> Answer | None:
+        return Answer(stop=[1], add=[newcomer]) if round_.index == 1 else None
+
+    results = train_population(cfgs, data, on_round=on_round)
+    assert [(r.state, r.epochs_run) for r in results] == [("COMPLETE", 3), ("PRUNED", 1), ("COMPLETE", 3)]
+    assert_same_curve(results[0], reference[0], tolerance=1e-6)
+
+
+def test_a_restored_population_trains_on_as_if_never_stopped() -> None:
+    cfgs = [make_cfg("train.epochs=4", f"train.lr={lr}", "model.dropout=0.2", "train.schedule=onecycle")
+            for lr in (0.01, 0.003)]
+    newcomer = make_cfg("train.epochs=4", "train.lr=0.02", "model.dropout=0.1", "train.schedule=onecycle", number=2)
+    data = data_for(cfgs[0])
+    saved: list[dict] = []
+
+    def on_round(round_: Round) -> Answer | None:
+        if round_.index == 2:
+            saved.append(copy.deepcopy(round_.state()))
+            return Answer(add=[newcomer])
+        return None
+
+    straight = train_population(cfgs, data, on_round=on_round)
+    restored = Population.restore(saved[0], data)
+    assert restored.round == 2 and [m.epoch for m in restored.members.values()] == [2, 2]
+    restored.add([newcomer])
+    while restored.training:
+        restored.run_round()
+    again = {i: r for i, r in zip(sorted(restored.members), restored.results())}
+    for i in (0, 1, 2):
+        assert curves(again[i].history) == curves(straight[i].history), i
+        assert again[i].best_epoch == straight[i].best_epoch
 
 
 def test_a_members_best_weights_load_into_its_own_model() -> None:

@@ -1,13 +1,24 @@
 """`resources.population` end to end: trials that share their shapes train as one stacked model
 in one Tune trial, and each stays its own Optuna trial and MLflow child run, pruned on its own.
+The population stays full: a member that is pruned or ends frees its slot for a newly asked
+trial, which starts at its epoch 1 beside the others; a worker killed mid-population resumes
+every member where it was.
 
-A small digits study through real Ray Tune, Optuna storage and MLflow; the wide learning-rate
+Small digits studies through real Ray Tune, Optuna storage and MLflow; the wide learning-rate
 range makes some members worse than the median, so the pruner stops them mid-population.
+What the worker trained, round by round, is read from Tune's own record of the trial's results
+(`result.json`: every report, with the worker's pid), not from the driver, which skips repeats.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import signal
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -15,23 +26,69 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from dlsearch.trial.population import VARYING
+from dlsearch.protocol import PopulationEpoch, TrialEnd
+from dlsearch.trial.population import FAMILIES, VARYING
 from dlsearch.tuner.runner import run_study
 from dlsearch.config.spec import load_spec
 from tests.studies import write_study
 
 pytestmark = pytest.mark.slow
 
-N_TRIALS, K, EPOCHS = 12, 4, 5
+N_TRIALS, K, EPOCHS = 16, 4, 5
+# adam and adamw share a population: every trial asked for a free slot stacks with the others.
+SEARCH = {
+    "train.lr": {"type": "float", "low": 1.0e-5, "high": 0.3, "log": True},
+    "train.optimizer": {"type": "categorical", "choices": ["adam", "adamw"]},
+    "model.width": {"type": "categorical", "choices": [16, 32, 64]},
+    "model.dropout": {"type": "float", "low": 0.0, "high": 0.3},
+}
+
+
+def tune_rows(folder: Path) -> dict[str, list[tuple[int, PopulationEpoch]]]:
+    """Every round each Tune trial of the study reported, in order: (worker pid, the round)."""
+    names = {"PopulationEpoch": PopulationEpoch, "TrialEnd": TrialEnd, "nan": math.nan, "inf": math.inf}
+    out: dict[str, list[tuple[int, PopulationEpoch]]] = {}
+    for path in sorted((folder / "ray").glob("*/run_trial_*/result.json")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rounds = [(r["pid"], eval(r["dlsearch"], {"__builtins__": {}}, names)) for r in rows  # noqa: S307 - our repr
+                  if str(r.get("dlsearch", "")).startswith("PopulationEpoch(")]
+        out[path.parent.name] = rounds
+    return out
+
+
+def _kill_the_worker_when(condition: Any) -> tuple[list[int], Any]:
+    """An on_event hook that SIGKILLs the trials' Ray worker processes (as tests/test_faults.py
+    does) at the first epoch event `condition(info)` holds for."""
+    killed: list[int] = []
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "epoch" and not killed and condition(info):
+            pids = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+
+    return killed, on_event
 
 
 @pytest.fixture(scope="module")
 def population_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, optuna.Study, list[tuple[str, dict]]]:
+    """One study for every test here: N_TRIALS trials in populations of K, one population at a time,
+    pruned by the median; the worker is killed once, when a newcomer reports its epoch 2, and
+    Tune retries it from its last checkpoint."""
     folder = tmp_path_factory.mktemp("population")
-    path = write_study(folder, budget={"trials": N_TRIALS}, train={"epochs": EPOCHS},
-                       resources={"population": K, "max_concurrent": 1})
+    path = write_study(folder, budget={"trials": N_TRIALS}, search=SEARCH,
+                       train={"epochs": EPOCHS, "checkpoint_every": 1},
+                       resources={"population": K, "max_concurrent": 1, "max_failures": 2})
     events: list[tuple[str, dict]] = []
-    run_study(load_spec(path), on_event=lambda kind, info: events.append((kind, dict(info))))
+    killed, kill = _kill_the_worker_when(lambda info: info["number"] >= K and info["epoch"] == 2)
+
+    def on_event(kind: str, info: dict) -> None:
+        events.append((kind, dict(info)))
+        kill(kind, info)
+
+    run_study(load_spec(path), on_event=on_event)
+    assert killed, "a worker process was killed"
     study = optuna.load_study(study_name="e2e-digits", storage=f"sqlite:///{folder}/optuna.db")
     return folder, study, events
 
@@ -47,7 +104,7 @@ def test_members_share_their_shapes_and_each_is_its_own_optuna_trial(population_
     for members in populations:
         shared = [{k: v for k, v in by_number[n].params.items() if k not in VARYING} for n in members]
         assert all(s == shared[0] for s in shared), shared  # width and the like: one stacked model
-        families = {by_number[n].params["train.optimizer"] for n in members}
+        families = {FAMILIES[by_number[n].params["train.optimizer"]] for n in members}
         assert len(families) == 1  # adam and sgd keep different optimizer state: never one population
 
 
@@ -57,8 +114,9 @@ def test_pruning_acts_on_each_member(population_study) -> None:
     pruned = [t for t in members if t.state == TrialState.PRUNED]
     complete = [t for t in members if t.state == TrialState.COMPLETE]
     assert pruned and complete, [(t.number, t.state.name) for t in members]
-    for t in pruned:  # it trained no further than the epoch it was pruned at, unlike its neighbours
-        assert t.user_attrs["epochs_run"] == max(t.intermediate_values) < EPOCHS
+    for t in pruned:  # it trained no further than the epoch it was pruned at
+        assert t.user_attrs["epochs_run"] == max(t.intermediate_values) <= EPOCHS
+    assert any(t.user_attrs["epochs_run"] < EPOCHS for t in pruned)
     assert any(t.user_attrs["epochs_run"] == EPOCHS for t in complete)
 
 
@@ -110,3 +168,54 @@ def test_progress_names_every_member(population_study) -> None:
     started = [info["number"] for kind, info in events if kind == "trial_start"]
     ended = [info["number"] for kind, info in events if kind == "trial_end"]
     assert sorted(started) == sorted(ended) == list(range(N_TRIALS))
+
+
+def test_freed_slots_are_refilled_with_newcomers_that_start_at_epoch_1(population_study) -> None:
+    folder, study, _ = population_study
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    tune_trials = tune_rows(folder)
+    assert len(trials) == N_TRIALS and len(tune_trials) < N_TRIALS  # several Optuna trials per Tune trial
+    newcomers = 0
+    for rows in tune_trials.values():
+        # A round the killed worker reported and its successor trained again counts once.
+        rounds = sorted({r.round: (pid, r) for pid, r in rows}.values(), key=lambda row: row[1].round)
+        first_round: dict[int, int] = {}
+        for _, r in rounds:
+            for number, epoch in r.epochs.items():
+                first_round.setdefault(number, r.round)
+        start = min(first_round.values(), default=1)
+        for number, joined in first_round.items():
+            mine = [r.epochs[number] for _, r in rounds if number in r.epochs]
+            assert mine == list(range(1, len(mine) + 1)), (number, mine)  # from epoch 1, one epoch a round
+            assert sorted(trials[number].intermediate_values) == mine
+            newcomers += joined > start
+        # The population stays full while the budget has trials to ask: K members in every round
+        # before the last newcomer's first one.
+        last_join = max(first_round.values(), default=1)
+        assert all(len(r.members) == K for _, r in rounds if r.round < last_join), [len(r.members) for _, r in rounds]
+    assert newcomers >= N_TRIALS - len(tune_trials) * K  # every trial past the first members came in as one
+
+
+def test_a_killed_worker_resumes_every_member_at_its_epoch(population_study) -> None:
+    """The restarted worker goes on from the last checkpoint Tune took, every member (newcomers
+    included) at its own epoch: no round before that checkpoint is trained again, and the round
+    the kill interrupted trains again exactly as the driver first saw it."""
+    folder, study, _ = population_study
+    rows = [rounds for rounds in tune_rows(folder).values() if len({pid for pid, _ in rounds}) > 1]
+    assert len(rows) == 1, "one population went on in a new worker"
+    (rounds,) = rows
+    before = [r for pid, r in rounds if pid == rounds[0][0]]
+    after = [r for pid, r in rounds if pid != rounds[0][0]]
+    assert [r.round for r in before] == list(range(1, len(before) + 1))
+    resumed = after[0].round
+    assert before[-1].round <= resumed <= before[-1].round + 1 and resumed > 1
+    assert [r.round for r in after] == list(range(resumed, resumed + len(after)))
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for number, epoch in after[0].epochs.items():
+        trained_before = sum(1 for r in before if r.round < resumed and number in r.epochs)
+        assert epoch == trained_before + 1, (number, epoch, trained_before)  # where it was, not from scratch
+        history = client.get_metric_history(trials[number].user_attrs["mlflow_run_id"], "val_loss")
+        logged = [m.value for m in history if m.step == epoch]
+        assert logged == [pytest.approx(after[0].members[number]["val_loss"], abs=1e-6)]
+    assert all(t.state.is_finished() and t.state != TrialState.FAIL for t in trials.values())

@@ -44,12 +44,13 @@ from dlsearch.protocol import (
     EpochReport,
     PopulationEnd,
     PopulationEpoch,
+    RoundAnswer,
     TrialEnd,
     to_result,
 )
 from dlsearch.trial.custom_trainable import run_custom_trainable
 from dlsearch.trial.data import load_data
-from dlsearch.trial.population import train_population
+from dlsearch.trial.population import Population
 from dlsearch.trial.train import train_trial
 
 
@@ -108,42 +109,109 @@ def warm_up() -> None:
 
 
 def _run_population(assignment: Assignment, spec: StudySpec, place: Mapping[str, str]) -> None:
-    """A Tune trial carrying several Optuna trials: trained as one stacked model (`train_population`).
+    """A Tune trial carrying several Optuna trials: trained as one stacked model (`population.Population`).
 
-    Each epoch goes out as ONE report (`PopulationEpoch`) holding every member's metrics; the
-    driver tells the members to stop through the study's `PruneBoard`, keyed by this population's
-    id. The final report (`PopulationEnd`) says how each member ended, and its checkpoint holds
-    `members/<number>/model/best.pt` of each completed member. A population does not checkpoint
-    between epochs: a restarted worker trains it from the start (the driver skips epochs it has).
+    Each round goes out as ONE report (`PopulationEpoch`) holding every member's metrics at its
+    own epoch and the members that ended in it; the driver answers through the study's
+    `PruneBoard`, keyed by this population's id: the members to stop, and newly asked trials
+    that join at their epoch 1 in the free slots, until the study's budget is asked.
+
+    Every `train.checkpoint_every` rounds, and in every round where a member completed, the
+    report carries a checkpoint: `state.pt` (the population as it stood after its last saved
+    round) and `members/<number>/model/best.pt` of the members that completed in the round.
+    A worker restarted from it (Tune's retries, `resources.max_failures`) resumes every member
+    where it was, takes the answers of the rounds it repeats from the board (they stay there)
+    and the driver skips the epochs it already has.
     """
-    cfgs = [trial_config(spec, m.params, m.number) for m in assignment.members]
     board = ray.get_actor(assignment.board)
+    key = assignment.population
+    numbers: dict[int, int] = {}  # population index -> trial number
+    population: Population | None = None
+    folder = Path(tempfile.mkdtemp(prefix="dlsearch-population-"))
+    state_file = folder / STATE_FILE
 
-    def report_epoch(epoch: int, metrics: Mapping[int, Mapping[str, float]]) -> list[int]:
-        members = {cfgs[i].number: dict(m) for i, m in metrics.items()}
-        tune.report(to_result(PopulationEpoch(epoch, members), place))
-        stop = set(ray.get(board.wait.remote(assignment.population, epoch)))
-        return [i for i in metrics if cfgs[i].number in stop]
+    def apply(answer: RoundAnswer) -> None:
+        assert population is not None
+        by_number = {n: i for i, n in numbers.items()}
+        population.stop([by_number[n] for n in answer.stop if n in by_number])
+        newcomers = [trial_config(spec, m.params, m.number) for m in answer.add]
+        for i, m in zip(population.add(newcomers), answer.add):
+            numbers[i] = m.number
 
     try:
-        data = load_data(cfgs[0].data, cfgs[0].data_seed, base_dir=cfgs[0].base_dir)  # cached per worker
-        results = train_population(cfgs, data, report_epoch=report_epoch)
-    except Exception as err:  # noqa: BLE001 - the population's members end as FAIL; the study goes on
-        end = TrialEnd.failed(_one_line(err), _out_of_memory(err))
-        tune.report(to_result(PopulationEnd({c.number: end for c in cfgs}), place))
-        return
-    ends = PopulationEnd({cfg.number: TrialEnd.of(result) for cfg, result in zip(cfgs, results)})
-    with tempfile.TemporaryDirectory() as tmp:
-        for cfg, result in zip(cfgs, results):
-            if result.state == "COMPLETE" and result.best_state is not None:
-                folder = Path(tmp) / MEMBERS_DIR / str(cfg.number) / MODEL_DIR
-                folder.mkdir(parents=True)
-                torch.save(result.best_state, folder / BEST_FILE)
-        result_row = to_result(ends, place)
-        if any(Path(tmp).iterdir()):
-            tune.report(result_row, checkpoint=tune.Checkpoint.from_directory(tmp))
+        resume = _population_state(state_file)
+        first = trial_config(spec, assignment.members[0].params, assignment.members[0].number)
+        every = first.train.checkpoint_every
+        data = load_data(first.data, first.data_seed, base_dir=first.base_dir)  # cached per worker
+        if resume is not None:
+            population = Population.restore(resume["population"], data)
+            numbers.update(resume["numbers"])
+            if population.round:
+                apply(ray.get(board.wait.remote(key, population.round)))
         else:
-            tune.report(result_row)
+            population = Population([trial_config(spec, m.params, m.number) for m in assignment.members], data)
+            numbers.update({i: m.number for i, m in enumerate(assignment.members)})
+        while population.training:
+            round_ = population.run_round()
+            completed = {i: r for i, r in round_.ended.items() if r.state == "COMPLETE" and r.best_state is not None}
+            save_state = round_.index % every == 0
+            report = PopulationEpoch(
+                round_.index,
+                {numbers[i]: dict(m) for i, m in round_.metrics.items()},
+                {numbers[i]: e for i, e in round_.epochs.items()},
+                {numbers[i]: TrialEnd.of(r) for i, r in round_.ended.items()},
+                checkpointed=save_state or bool(completed),
+            )
+            if save_state:
+                tmp = state_file.with_suffix(".tmp")
+                torch.save({"population": round_.state(), "numbers": dict(numbers)}, tmp)
+                os.replace(tmp, state_file)  # a new file: an earlier checkpoint's hard link keeps its content
+            if report.checkpointed:
+                with tempfile.TemporaryDirectory() as tmp_dir:
+                    _stage_population(Path(tmp_dir), state_file, {numbers[i]: r for i, r in completed.items()})
+                    tune.report(to_result(report, place), checkpoint=tune.Checkpoint.from_directory(tmp_dir))
+            else:
+                tune.report(to_result(report, place))
+            for i in round_.ended:
+                numbers.pop(i, None)
+            apply(ray.get(board.wait.remote(key, round_.index)))
+    except Exception as err:  # noqa: BLE001 - the members still training end as FAIL; the study goes on
+        end = TrialEnd.failed(_one_line(err), _out_of_memory(err))
+        if population is None:
+            training = {m.number for m in assignment.members} | set(numbers.values())
+        else:
+            training = {numbers[i] for i in population.rows if i in numbers}
+        tune.report(to_result(PopulationEnd({n: end for n in training}), place))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _population_state(state_file: Path) -> dict | None:
+    """The population state of this Tune trial's last checkpoint (a restarted worker), copied to `state_file`."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / STATE_FILE
+        if not path.exists():
+            return None
+        shutil.copyfile(path, state_file)
+    # Our own file, written by this trial: full unpickling is safe here.
+    return torch.load(state_file, weights_only=False)
+
+
+def _stage_population(folder: Path, state_file: Path, completed: Mapping[int, Any]) -> None:
+    """A population checkpoint: the last saved state (hard-linked, no copy) and the best weights of
+    the members that completed in this round."""
+    if state_file.exists():
+        try:
+            os.link(state_file, folder / STATE_FILE)
+        except OSError:
+            shutil.copyfile(state_file, folder / STATE_FILE)
+    for number, result in completed.items():
+        model = folder / MEMBERS_DIR / str(number) / MODEL_DIR
+        model.mkdir(parents=True)
+        torch.save(result.best_state, model / BEST_FILE)
 
 
 def _place() -> dict[str, str]:
@@ -180,26 +248,32 @@ def _out_of_memory(err: BaseException) -> bool:
 
 
 class PruneBoard:
-    """Where the driver posts, per population and epoch, which members to stop; a population's
-    worker waits for that post before its next epoch. One per study run, a named Ray actor."""
+    """Where the driver posts its answer to each round of a population (`RoundAnswer`: members to
+    stop, newcomers); the population's worker waits for it before its next round. Answers stay
+    until the population ends (`forget`): a worker restarted from a checkpoint repeats rounds
+    and takes their answers again. One per study run, a named Ray actor."""
 
     def __init__(self) -> None:
-        self._posts: dict[tuple[str, int], list[int]] = {}
+        self._posts: dict[tuple[str, int], RoundAnswer] = {}
         self._events: dict[tuple[str, int], Any] = {}
 
-    async def post(self, key: str, epoch: int, stop: list[int]) -> None:
-        self._posts[(key, epoch)] = stop
-        self._event(key, epoch).set()
+    async def post(self, key: str, round_: int, answer: RoundAnswer) -> None:
+        self._posts[(key, round_)] = answer
+        self._event(key, round_).set()
 
-    async def wait(self, key: str, epoch: int) -> list[int]:
-        await self._event(key, epoch).wait()
-        self._events.pop((key, epoch), None)
-        return self._posts.pop((key, epoch))
+    async def wait(self, key: str, round_: int) -> RoundAnswer:
+        await self._event(key, round_).wait()
+        return self._posts[(key, round_)]
 
-    def _event(self, key: str, epoch: int) -> Any:
+    async def forget(self, key: str) -> None:
+        for k in [k for k in self._events if k[0] == key]:
+            self._events.pop(k, None)
+            self._posts.pop(k, None)
+
+    def _event(self, key: str, round_: int) -> Any:
         import asyncio
 
-        return self._events.setdefault((key, epoch), asyncio.Event())
+        return self._events.setdefault((key, round_), asyncio.Event())
 
 
 class _TuneReporter:

@@ -85,103 +85,240 @@ class PopulationReport(Protocol):
     def __call__(self, member: int, epoch: int, metrics: Mapping[str, float]) -> bool | None: ...
 
 
-class EpochReport(Protocol):
-    """Called once per epoch with the metrics of every member still training; returns those to stop."""
-
-    def __call__(self, epoch: int, metrics: Mapping[int, Mapping[str, float]]) -> Iterable[int]: ...
-
-
 def train_population(
     cfgs: Sequence[TrialConfig],
     data: DataBundle,
     report: PopulationReport | None = None,
     *,
     shuffle_seed: int | None = None,
-    report_epoch: EpochReport | None = None,
+    on_round: RoundReport | None = None,
 ) -> list[TrialResult]:
     """Train the members `cfgs` as one stacked model; one `TrialResult` per member, in order.
 
     `report(member, epoch, metrics)` gets member `member`'s metrics (the keys `train_trial`
-    reports; `epoch_time_s` is the population's epoch) and may stop it: False or TrialPruned.
-    `report_epoch(epoch, {member: metrics})`, called once per epoch after `report` with every
-    member still training, returns the members to stop: one round trip per epoch (Tune's).
+    reports; `epoch_time_s` is the population's round) and may stop it: False or TrialPruned.
+    `on_round(round)`, called once per round after `report`, sees every member that trained in it
+    and answers with the members to stop and the newcomers to add (an `Answer`; None: neither):
+    one round trip per round (Tune's). Newcomers get the indices after the last member's, in order.
     Raises ValueError, naming every key at fault, when the members cannot share a population,
     and TypeError for torch Datasets (a `DatasetBundle`) in place of tensors.
     """
-    if not cfgs:
-        raise ValueError("population: needs at least one member config (got 0)")
-    if isinstance(data, DatasetBundle):
-        raise TypeError("population: needs tensor data (a DataBundle); torch Datasets from a custom data factory "
-                        "are read through DataLoaders by train_trial only")
-    check_stackable(cfgs)
-    first = cfgs[0]
-    t = first.train
-    device = resolve_device(t.device)
-    data = data.to(device)
-    seed = first.seed if shuffle_seed is None else shuffle_seed
-    shuffle = torch.Generator(device=device).manual_seed(seed)
-    augment = make_augment(t.augment, torch.Generator(device=device).manual_seed(seed + 1))
-    binary = is_binary(first, data.n_classes)
-    half = torch.bfloat16 if t.precision == "bf16" and device.type == "cuda" else None
-    autocast = (lambda: torch.autocast("cuda", dtype=half)) if half is not None else contextlib.nullcontext
+    population = Population(cfgs, data, shuffle_seed=shuffle_seed)
+    while population.training:
+        round_ = population.run_round(report)
+        answer = on_round(round_) if on_round is not None else None
+        if answer is not None:
+            population.stop(answer.stop)
+            population.add(answer.add)
+    return population.results()
 
-    members = [_Member(cfg, EpochBook(BookRules.for_trial(cfg))) for cfg in cfgs]
-    net = _StackedMLP([_initial_state(cfg, data) for cfg in cfgs], first.model, device)
-    dropout = _Dropout([cfg.model.dropout for cfg in cfgs], net.width, device, seed + 2)
-    n_train = len(data.y_train)
-    steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size > 1))
-    schedule = _schedule(first, steps_per_epoch)
-    optimizer = _StackedOptimizer(cfgs, net.params(), device)
-    rows = list(range(len(cfgs)))  # the member each row of the stacked tensors belongs to
-    step = 0
 
-    for epoch in range(1, t.epochs + 1):
-        for i in rows:  # early stopping, checked before the epoch as train_trial does
-            if members[i].book.should_stop:
-                members[i].state = "COMPLETE"
-        rows = _drop_stopped(rows, members, net, optimizer, dropout)
-        if not rows:
-            break
+@dataclass(frozen=True)
+class Round:
+    """One round of a population: every member still training ran one more epoch of its own.
+
+    `metrics` and `epochs` hold each member that trained in the round (a newcomer is at its
+    epoch 1 while the first members may be at epoch 7); `ended` those that ended in it: COMPLETE
+    (their epochs done, or early stopping), FAIL (diverged) or PRUNED by `report`, each with its
+    result (a completed member's test metrics and best weights included). `state()` is the
+    population after the round, before its answer, for `Population.restore`.
+    """
+
+    index: int  # rounds the population has run, this one included (1, 2, ...)
+    metrics: dict[int, dict[str, float]]
+    epochs: dict[int, int]
+    ended: dict[int, TrialResult]
+    state: Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a round's report decides: members to stop (PRUNED), and new members' configs."""
+
+    stop: Sequence[int] = ()
+    add: Sequence[TrialConfig] = ()
+
+
+class RoundReport(Protocol):
+    """Called once per round; answers with the members to stop and those to add."""
+
+    def __call__(self, round_: Round) -> Answer | None: ...
+
+
+class Population:
+    """A population being trained: its members by index, the stacked model and optimizer, its batches.
+
+    Each member keeps its own epoch, its own optimizer step count (Adam's bias correction) and
+    its own position in the LR schedule, so members that joined later (`add`: fresh weights from
+    their own seed, zero optimizer state, epoch 1) train beside members well into their run.
+    Every member sees the population's batches, in the population's order.
+    """
+
+    def __init__(self, cfgs: Sequence[TrialConfig], data: DataBundle, *, shuffle_seed: int | None = None) -> None:
+        if not cfgs:
+            raise ValueError("population: needs at least one member config (got 0)")
+        if isinstance(data, DatasetBundle):
+            raise TypeError("population: needs tensor data (a DataBundle); torch Datasets from a custom data factory "
+                            "are read through DataLoaders by train_trial only")
+        check_stackable(cfgs)
+        self.first = cfgs[0]
+        t = self.first.train
+        self.device = resolve_device(t.device)
+        self.data = data.to(self.device)
+        seed = self.first.seed if shuffle_seed is None else shuffle_seed
+        self.shuffle = torch.Generator(device=self.device).manual_seed(seed)
+        self.augment_rng = torch.Generator(device=self.device).manual_seed(seed + 1)
+        self.augment = make_augment(t.augment, self.augment_rng)
+        self.binary = is_binary(self.first, self.data.n_classes)
+        half = torch.bfloat16 if t.precision == "bf16" and self.device.type == "cuda" else None
+        self.autocast = (lambda: torch.autocast("cuda", dtype=half)) if half is not None else contextlib.nullcontext
+        n_train = len(self.data.y_train)
+        steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size > 1))
+        self.schedule = _schedule(self.first, steps_per_epoch)
+        # The same per step, as tensors a member's position (its steps taken) indexes.
+        self.schedule_lr = torch.tensor([lr for lr, _ in self.schedule], dtype=torch.float64, device=self.device)
+        cycled = [c for _, c in self.schedule]
+        self.schedule_cycled = (None if cycled[0] is None
+                                else torch.tensor(cycled, dtype=torch.float64, device=self.device))
+        self.members: dict[int, _Member] = {}
+        self.rows: list[int] = []  # the member each row of the stacked tensors belongs to
+        self.round = 0
+        self.next_index = len(cfgs)  # newcomers' indices: never one a member had
+        self.net = _StackedMLP([_initial_state(cfg, self.data) for cfg in cfgs], self.first.model, self.device)
+        self.dropout = _Dropout([cfg.model.dropout for cfg in cfgs], self.net.width, self.device, seed + 2)
+        self.optimizer = _StackedOptimizer(cfgs, self.net.params(), self.device)
+        self.steps = torch.zeros(len(cfgs), dtype=torch.long, device=self.device)  # each row's optimizer steps
+        for i, cfg in enumerate(cfgs):
+            self.members[i] = _Member(cfg, EpochBook(BookRules.for_trial(cfg)))
+            self.rows.append(i)
+
+    @property
+    def training(self) -> bool:
+        return bool(self.rows)
+
+    def add(self, cfgs: Sequence[TrialConfig]) -> list[int]:
+        """New members at epoch 1: their own init (from their seed), zero optimizer state, the
+        schedule's start. Raises ValueError when one cannot share this population. Their indices."""
+        if not cfgs:
+            return []
+        check_stackable([self.first, *cfgs])
+        new = list(range(self.next_index, self.next_index + len(cfgs)))
+        self.next_index += len(cfgs)
+        self.net.add([_initial_state(cfg, self.data) for cfg in cfgs])
+        self.dropout.add([cfg.model.dropout for cfg in cfgs])
+        self.optimizer.add(cfgs)
+        self.steps = torch.cat([self.steps, torch.zeros(len(cfgs), dtype=torch.long, device=self.device)])
+        for i, cfg in zip(new, cfgs):
+            self.members[i] = _Member(cfg, EpochBook(BookRules.for_trial(cfg)))
+        self.rows.extend(new)
+        return new
+
+    def stop(self, members: Iterable[int]) -> None:
+        """Stop these members (PRUNED after their last epoch); members already ended are left as they are."""
+        for i in members:
+            if i in self.members and self.members[i].state is None:
+                self.members[i].state = "PRUNED"
+        self._drop_ended()
+
+    def run_round(self, report: PopulationReport | None = None) -> Round:
+        """One epoch of every member still training, each at its own epoch and schedule position."""
+        self.round += 1
         start = time.perf_counter()
-        lr_now = schedule[min(step, len(schedule) - 1)][0]
-        train_loss, train_acc, step = _train_epoch(net, optimizer, dropout, data, shuffle, augment, schedule, step,
-                                                   first, binary, autocast)
-        val_loss, val_acc = _evaluate(net, data.x_val, data.y_val, binary, autocast)
+        first_step = self.steps.clamp(max=len(self.schedule) - 1).tolist()
+        train_loss, train_acc = _train_epoch(self, self.first)
+        val_loss, val_acc = _evaluate(self.net, self.data.x_val, self.data.y_val, self.binary, self.autocast)
         epoch_time_s = time.perf_counter() - start
-        for row, i in enumerate(rows):
-            member = members[i]
-            metrics = {
+        metrics: dict[int, dict[str, float]] = {}
+        epochs: dict[int, int] = {}
+        for row, i in enumerate(self.rows):
+            member = self.members[i]
+            m = {
                 "train_loss": train_loss[row],
                 "train_accuracy": train_acc[row],
                 "val_loss": val_loss[row],
                 "val_accuracy": val_acc[row],
-                "lr": member.cfg.train.lr * lr_now,
+                "lr": member.cfg.train.lr * self.schedule[first_step[row]][0],
                 "epoch_time_s": epoch_time_s,
                 "generalization_gap": val_loss[row] - train_loss[row],
             }
-            member.end_epoch(epoch, metrics, functools.partial(net.member_state, row))
+            epoch = member.epoch + 1
+            member.end_epoch(epoch, m, functools.partial(self.net.member_state, row))
+            metrics[i], epochs[i] = m, epoch
             if member.state is None and report is not None:
                 try:
-                    if report(i, epoch, metrics) is False:
+                    if report(i, epoch, m) is False:
                         member.state = "PRUNED"
                 except TrialPruned:
                     member.state = "PRUNED"
-        if report_epoch is not None:
-            training = {i: members[i].history[-1] for i in rows if members[i].state is None}
-            for i in report_epoch(epoch, training) if training else ():
-                if members[i].state is None:
-                    members[i].state = "PRUNED"
-    for i in rows:
-        if members[i].state is None:
-            members[i].state = "COMPLETE"
+            if member.state is None and (member.book.should_stop or epoch >= member.cfg.train.epochs):
+                member.state = "COMPLETE"  # early stopping, or its epochs done
+        ended = [i for i in self.rows if self.members[i].state is not None]
+        self._test([i for i in ended if self.members[i].state == "COMPLETE"])
+        self._drop_ended()
+        return Round(self.round, metrics, epochs, {i: self.members[i].result() for i in ended}, self.state_dict)
 
-    done = [m for m in members if m.state == "COMPLETE" and m.best_state is not None]
-    if done:  # every completed member's best weights on the test split, as one stacked model
-        best = _StackedMLP([m.best_state for m in done], first.model, device)
-        test_loss, test_acc = _evaluate(best, data.x_test, data.y_test, binary, autocast)
-        for m, loss, acc in zip(done, test_loss, test_acc):
-            m.test_loss, m.test_accuracy = loss, acc
-    return [m.result() for m in members]
+    def results(self) -> list[TrialResult]:
+        """Every member's result, in order of index (members still training: as they stand)."""
+        return [self.members[i].result() for i in sorted(self.members)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The members still training and everything their next round depends on, on the CPU."""
+        cpu = functools.partial(_to_device, device=torch.device("cpu"))
+        return {
+            "round": self.round,
+            "rows": list(self.rows),
+            "members": {i: self.members[i] for i in self.rows},
+            "next_index": self.next_index,
+            "net": cpu(self.net.state()),
+            "dropout": cpu(self.dropout.state()),
+            "optimizer": cpu(self.optimizer.state_dict()),
+            "steps": self.steps.cpu(),
+            "generators": {"shuffle": self.shuffle.get_state(), "augment": self.augment_rng.get_state(),
+                           "dropout": self.dropout.generator.get_state()},
+        }
+
+    @classmethod
+    def restore(cls, state: Mapping[str, Any], data: DataBundle, *, shuffle_seed: int | None = None) -> Population:
+        """The population `state_dict` saved, ready for its next round (`state["round"] + 1`)."""
+        members: dict[int, _Member] = dict(state["members"])
+        rows = list(state["rows"])
+        population = cls([members[i].cfg for i in rows], data, shuffle_seed=shuffle_seed)
+        device = population.device
+        population.members = members
+        population.rows = rows
+        population.round = int(state["round"])
+        population.net.load(_to_device(state["net"], device))
+        population.dropout.load(_to_device(state["dropout"], device))
+        population.optimizer.load_state_dict(_to_device(state["optimizer"], device))
+        population.steps = state["steps"].to(device)
+        generators = state["generators"]
+        population.shuffle.set_state(generators["shuffle"])
+        population.augment_rng.set_state(generators["augment"])
+        population.dropout.generator.set_state(generators["dropout"])
+        population.next_index = int(state["next_index"])
+        return population
+
+    def _test(self, done: list[int]) -> None:
+        """Every completed member's best weights on the test split, as one stacked model."""
+        done = [i for i in done if self.members[i].best_state is not None]
+        if not done:
+            return
+        best = _StackedMLP([self.members[i].best_state for i in done], self.first.model, self.device)
+        test_loss, test_acc = _evaluate(best, self.data.x_test, self.data.y_test, self.binary, self.autocast)
+        for i, loss, acc in zip(done, test_loss, test_acc):
+            self.members[i].test_loss, self.members[i].test_accuracy = loss, acc
+
+    def _drop_ended(self) -> None:
+        """Remove the rows of members that ended, so they cost nothing from here on."""
+        kept = [row for row, i in enumerate(self.rows) if self.members[i].state is None]
+        if len(kept) == len(self.rows):
+            return
+        keep = torch.tensor(kept, dtype=torch.long, device=self.device)
+        self.net.select(keep)
+        self.optimizer.select(keep)
+        self.dropout.select(keep)
+        self.steps = self.steps[keep]
+        self.rows = [self.rows[row] for row in kept]
 
 
 def stack_problems(cfg: TrialConfig) -> list[str]:
@@ -301,13 +438,13 @@ class _StackedMLP:
     def __init__(self, states: Sequence[Mapping[str, torch.Tensor]], model: Any, device: torch.device) -> None:
         self.depth, self.width, self.norm, self.activation = model.depth, model.width, model.norm, model.activation
         self.names = list(states[0])
+        self.device = device
         self.tensors = {name: torch.stack([s[name] for s in states]).to(device)
                         for name in self.names if not name.endswith("num_batches_tracked")}
         for name in self._param_names():
             self.tensors[name].requires_grad_(True)
-        # Every member has trained on the same number of batches: one count for all.
-        tracked = [s[n] for n in self.names if n.endswith("num_batches_tracked") for s in states[:1]]
-        self.n_batches = int(tracked[0]) if tracked else 0
+        # BatchNorm's count of training batches, per row (members that joined later have seen fewer).
+        self.n_batches = [int(_batches_tracked(s)) for s in states]
 
     def params(self) -> list[torch.Tensor]:
         return [self.tensors[n] for n in self._param_names()]
@@ -317,7 +454,7 @@ class _StackedMLP:
         out = {}
         for name in self.names:
             if name.endswith("num_batches_tracked"):
-                out[name] = torch.tensor(self.n_batches, dtype=torch.long)
+                out[name] = torch.tensor(self.n_batches[row], dtype=torch.long)
             else:
                 out[name] = self.tensors[name][row].detach().to("cpu", copy=True)
         return out
@@ -327,6 +464,23 @@ class _StackedMLP:
         params = set(self._param_names())
         for name, tensor in self.tensors.items():
             self.tensors[name] = tensor.detach()[keep].requires_grad_(name in params)
+        self.n_batches = [self.n_batches[row] for row in keep.tolist()]
+
+    def add(self, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Append rows holding `states` (new leaf tensors)."""
+        params = set(self._param_names())
+        for name, tensor in self.tensors.items():
+            new = torch.stack([s[name] for s in states]).to(self.device, tensor.dtype)
+            self.tensors[name] = torch.cat([tensor.detach(), new]).requires_grad_(name in params)
+        self.n_batches += [int(_batches_tracked(s)) for s in states]
+
+    def state(self) -> dict[str, Any]:
+        return {"tensors": {n: t.detach() for n, t in self.tensors.items()}, "n_batches": list(self.n_batches)}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        params = set(self._param_names())
+        self.tensors = {n: t.clone().requires_grad_(n in params) for n, t in state["tensors"].items()}
+        self.n_batches = list(state["n_batches"])
 
     def forward(self, x: torch.Tensor, training: bool, dropout: _Dropout | None) -> torch.Tensor:
         """Logits `(K, n_outputs, N)` of every member for the batch `x` `(N, *input_shape)`.
@@ -367,7 +521,7 @@ class _StackedMLP:
                            t[f"{name}.running_var"].view(-1), t[f"{name}.weight"].reshape(-1),
                            t[f"{name}.bias"].reshape(-1), training, _BN_MOMENTUM, _NORM_EPS)
         if training and name == "hidden.0.norm":
-            self.n_batches += 1
+            self.n_batches = [n + 1 for n in self.n_batches]
         return out.view(k, width, n)
 
     def _param_names(self) -> list[str]:
@@ -377,28 +531,55 @@ class _StackedMLP:
 class _Dropout:
     """One dropout mask per member and layer, each member with its own rate.
 
-    Masks are drawn for every member the population started with and the stopped members'
-    rows dropped, so a member's masks do not depend on which others are still training.
+    Each member holds a slot; masks are drawn for every slot and the rows read their own, so a
+    member's masks do not depend on which others are still training. A newcomer takes the
+    lowest slot a member that ended left free (a new slot when none is).
     """
 
     def __init__(self, rates: Sequence[float], width: int, device: torch.device, seed: int) -> None:
-        self.n_total = len(rates)
-        self.rows = torch.arange(self.n_total, device=device)
+        self.n_slots = len(rates)
+        self.slots = list(range(self.n_slots))  # per row
+        self.device = device
         self.rates = torch.tensor(rates, device=device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._index: torch.Tensor | None = None  # the rows' slots, None while row i holds slot i
 
     def select(self, keep: torch.Tensor) -> None:
-        self.rows, self.rates = self.rows[keep], self.rates[keep]
+        self.rates = self.rates[keep]
+        self.slots = [self.slots[row] for row in keep.tolist()]
+        self._reindex()
+
+    def add(self, rates: Sequence[float]) -> None:
+        free = sorted(set(range(self.n_slots)) - set(self.slots))
+        for _ in rates:
+            if free:
+                self.slots.append(free.pop(0))
+            else:
+                self.slots.append(self.n_slots)
+                self.n_slots += 1
+        self.rates = torch.cat([self.rates, torch.tensor(rates, device=self.device, dtype=self.rates.dtype)])
+        self._reindex()
+
+    def state(self) -> dict[str, Any]:
+        return {"n_slots": self.n_slots, "slots": list(self.slots), "rates": self.rates}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.n_slots, self.slots, self.rates = int(state["n_slots"]), list(state["slots"]), state["rates"]
+        self._reindex()
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         if not bool((self.rates > 0).any()):
             return h
-        u = torch.rand((self.n_total, *h.shape[1:]), device=h.device, generator=self.generator)
-        if len(self.rows) < self.n_total:
-            u = u[self.rows]
+        u = torch.rand((self.n_slots, *h.shape[1:]), device=h.device, generator=self.generator)
+        if self._index is not None:
+            u = u[self._index]
         p = self.rates[:, None, None]
         # nn.Dropout: keep with probability 1 - p and scale the kept units by 1 / (1 - p).
         return h * ((u >= p).to(h.dtype) / (1 - p))
+
+    def _reindex(self) -> None:
+        identity = self.slots == list(range(self.n_slots))
+        self._index = None if identity else torch.tensor(self.slots, dtype=torch.long, device=self.device)
 
 
 class _StackedOptimizer:
@@ -406,66 +587,91 @@ class _StackedOptimizer:
 
     Each line follows torch.optim's single-tensor step (`_single_tensor_adam`, `_single_tensor_sgd`)
     with the member's values in place of the group's scalars; weight decay is L2 (added to the
-    gradient) for adam and sgd, decoupled for adamw.
+    gradient) for adam and sgd, decoupled for adamw. Each member counts its own steps (Adam's
+    bias correction), so a member added later starts as a fresh torch optimizer does.
     """
 
-    def __init__(self, cfgs: Sequence[TrialConfig], params: list[torch.Tensor], device: torch.device) -> None:
-        def vec(values: list[float]) -> torch.Tensor:  # float64: the scalars torch.optim keeps are Python floats
-            return torch.tensor(values, dtype=torch.float64, device=device)
+    _VECTORS = ("lr", "l2", "decoupled", "momentum", "n_steps")
 
+    def __init__(self, cfgs: Sequence[TrialConfig], params: list[torch.Tensor], device: torch.device) -> None:
         self.family = FAMILIES[cfgs[0].train.optimizer]
-        self.lr = vec([c.train.lr for c in cfgs])
-        decay = [c.train.weight_decay for c in cfgs]
-        self.l2 = vec([wd if c.train.optimizer != "adamw" else 0.0 for c, wd in zip(cfgs, decay)])
-        self.decoupled = vec([wd if c.train.optimizer == "adamw" else 0.0 for c, wd in zip(cfgs, decay)])
-        self.momentum = vec([c.train.momentum for c in cfgs])
+        self.device = device
+        self.lr, self.l2, self.decoupled, self.momentum, self.n_steps = self._vectors(cfgs)
         n_state = 2 if self.family == "adam" else 1  # exp_avg, exp_avg_sq | momentum_buffer
         self.state = [[torch.zeros_like(p, memory_format=torch.preserve_format) for _ in range(n_state)]
                       for p in params]
-        self.n_steps = 0
 
     def select(self, keep: torch.Tensor) -> None:
-        self.lr, self.l2, self.decoupled, self.momentum = (v[keep] for v in (self.lr, self.l2, self.decoupled,
-                                                                           self.momentum))
+        for name in self._VECTORS:
+            setattr(self, name, getattr(self, name)[keep])
         self.state = [[s[keep] for s in group] for group in self.state]
 
+    def add(self, cfgs: Sequence[TrialConfig]) -> None:
+        for name, new in zip(self._VECTORS, self._vectors(cfgs)):
+            setattr(self, name, torch.cat([getattr(self, name), new]))
+        self.state = [[torch.cat([s, s.new_zeros((len(cfgs), *s.shape[1:]))]) for s in group] for group in self.state]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{name: getattr(self, name) for name in self._VECTORS}, "state": self.state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name in self._VECTORS:
+            setattr(self, name, state[name])
+        self.state = [list(group) for group in state["state"]]
+
+    def _vectors(self, cfgs: Sequence[TrialConfig]) -> list[torch.Tensor]:
+        def vec(values: list[float]) -> torch.Tensor:  # float64: the scalars torch.optim keeps are Python floats
+            return torch.tensor(values, dtype=torch.float64, device=self.device)
+
+        decay = [c.train.weight_decay for c in cfgs]
+        return [vec([c.train.lr for c in cfgs]),
+                vec([wd if c.train.optimizer != "adamw" else 0.0 for c, wd in zip(cfgs, decay)]),
+                vec([wd if c.train.optimizer == "adamw" else 0.0 for c, wd in zip(cfgs, decay)]),
+                vec([c.train.momentum for c in cfgs]),
+                vec([0.0] * len(cfgs))]
+
     @torch.no_grad()
-    def step(self, params: list[torch.Tensor], grads: Sequence[torch.Tensor], lr_factor: float,
-             cycled: float | None) -> None:
-        """One step at `lr * lr_factor`; `cycled` is beta1 (adam) or the momentum (sgd) a onecycle schedule sets."""
+    def step(self, params: list[torch.Tensor], grads: Sequence[torch.Tensor], lr_factor: torch.Tensor,
+             cycled: torch.Tensor | None) -> None:
+        """One step of every member at `lr * lr_factor` (per member, `(K,)` float64); `cycled` is the
+        beta1 (adam) or momentum (sgd) a onecycle schedule sets, per member, else None."""
         self.n_steps += 1
         lr = self.lr * lr_factor
         # Terms that are 0 for every member are skipped: adding 0 or scaling by 1 changes nothing.
         l2 = self.l2.float() if bool((self.l2 != 0).any()) else None
         if self.family == "adam":
-            beta1 = 0.9 if cycled is None else cycled
+            beta1 = torch.full_like(self.n_steps, 0.9) if cycled is None else cycled
             bias_correction1 = 1 - beta1**self.n_steps
-            bias_correction2_sqrt = math.sqrt(1 - _ADAM_BETA2**self.n_steps)
+            bias_correction2_sqrt = torch.sqrt(1 - _ADAM_BETA2**self.n_steps).float()
             step_size = (lr / bias_correction1).float()
+            # One beta1 for all (no onecycle): a Python float, as torch.optim's own step takes it.
+            same = None if cycled is not None else 0.9
+            weight = (1 - beta1).float()
             shrink = (1 - lr * self.decoupled).float() if bool((self.decoupled != 0).any()) else None
             for p, g, (exp_avg, exp_avg_sq) in zip(params, grads, self.state):
                 for rows in _row_chunks(p):
-                    _adam(p[rows], g[rows], exp_avg[rows], exp_avg_sq[rows], beta1, bias_correction2_sqrt,
+                    _adam(p[rows], g[rows], exp_avg[rows], exp_avg_sq[rows],
+                          1 - same if same is not None else weight[rows], bias_correction2_sqrt[rows],
                           step_size[rows], None if shrink is None else shrink[rows], None if l2 is None else l2[rows])
         else:
-            momentum = (self.momentum if cycled is None else torch.full_like(self.momentum, cycled)).float()
+            momentum = (self.momentum if cycled is None else cycled).float()
             lr32 = lr.float()
             for p, g, (buf,) in zip(params, grads, self.state):
                 for rows in _row_chunks(p):
                     _sgd(p[rows], g[rows], buf[rows], momentum[rows], lr32[rows], None if l2 is None else l2[rows])
 
 
-def _adam(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float,
-          bias_correction2_sqrt: float, step_size: torch.Tensor, shrink: torch.Tensor | None,
-          l2: torch.Tensor | None) -> None:
+def _adam(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+          one_minus_beta1: float | torch.Tensor, bias_correction2_sqrt: torch.Tensor, step_size: torch.Tensor,
+          shrink: torch.Tensor | None, l2: torch.Tensor | None) -> None:
     """torch.optim.Adam's (AdamW's) single-tensor update of rows `(k, ...)`, per-member values `(k,)`."""
     if shrink is not None:
         p.mul_(_per_member(shrink, p))  # AdamW: decoupled decay, 1 - lr * weight_decay
     if l2 is not None:
         g = g.addcmul(p, _per_member(l2, p))  # Adam: L2, weight_decay * param added to the gradient
-    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg.lerp_(g, one_minus_beta1 if isinstance(one_minus_beta1, float) else _per_member(one_minus_beta1, p))
     exp_avg_sq.mul_(_ADAM_BETA2).addcmul_(g, g, value=1 - _ADAM_BETA2)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(_ADAM_EPS)
+    denom = (exp_avg_sq.sqrt() / _per_member(bias_correction2_sqrt, p)).add_(_ADAM_EPS)
     p.sub_(exp_avg.mul(_per_member(step_size, p)).div_(denom))
 
 
@@ -493,29 +699,33 @@ def _row_chunks(t: torch.Tensor) -> list[slice]:
     return [slice(a, a + rows) for a in range(0, k, rows)]
 
 
-def _train_epoch(
-    net: _StackedMLP, optimizer: _StackedOptimizer, dropout: _Dropout, data: DataBundle, shuffle: torch.Generator,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None, schedule: list[tuple[float, float | None]], step: int,
-    cfg: TrialConfig, binary: bool, autocast: Callable,
-) -> tuple[list[float], list[float], int]:
-    """One epoch of optimizer steps for every member; their mean train loss and accuracy, and the step count."""
+def _train_epoch(population: Population, cfg: TrialConfig) -> tuple[list[float], list[float]]:
+    """One epoch of optimizer steps for every member; their mean train loss and accuracy.
+
+    Each member's learning rate (and onecycle's beta1 or momentum) is read at its own position
+    in the schedule: `population.steps`, the steps it has taken.
+    """
     t = cfg.train
+    net, optimizer, dropout, data = population.net, population.optimizer, population.dropout, population.data
     params = net.params()
     k = params[0].shape[0]
     device = data.y_train.device
+    schedule_lr, schedule_cycled = population.schedule_lr, population.schedule_cycled
+    last = len(schedule_lr) - 1
     loss_sum = torch.zeros(k, device=device)  # on the device: one sync per epoch
     correct = torch.zeros(k, device=device, dtype=torch.long)
     seen = 0
-    perm = torch.randperm(len(data.y_train), device=device, generator=shuffle)
+    perm = torch.randperm(len(data.y_train), device=device, generator=population.shuffle)
     for idx in perm.split(t.batch_size):
         if len(idx) < 2:
             continue  # as train_trial: a batch of one breaks batch norm and teaches nothing
         xb, yb = data.x_train[idx], data.y_train[idx]
-        if augment is not None:
-            xb = augment(xb)
-        with autocast():
+        if population.augment is not None:
+            xb = population.augment(xb)
+        with population.autocast():
             logits = net.forward(xb, True, dropout)  # (K, C, N): loss_fn reads dim 1 as the classes
-            losses = loss_fn(logits, yb.expand(k, -1), binary, t.label_smoothing, reduction="none").mean(1)
+            losses = loss_fn(logits, yb.expand(k, -1), population.binary, t.label_smoothing,
+                             reduction="none").mean(1)
         # Member k's rows of the gradient of the sum are the gradient of its own loss.
         grads = torch.autograd.grad(losses.sum(), params)
         if t.grad_clip > 0:
@@ -524,14 +734,15 @@ def _train_epoch(
                     g.clamp_(-t.grad_clip, t.grad_clip)
             else:
                 clip_grad_norm_per_member_(grads, t.grad_clip)
-        lr_factor, cycled = schedule[min(step, len(schedule) - 1)]
-        optimizer.step(params, grads, lr_factor, cycled)
-        step += 1
+        position = population.steps.clamp(max=last)
+        optimizer.step(params, grads, schedule_lr[position],
+                       None if schedule_cycled is None else schedule_cycled[position])
+        population.steps += 1
         loss_sum += losses.detach() * len(yb)
-        correct += (predict(logits.detach(), binary) == yb).sum(1)
+        correct += (predict(logits.detach(), population.binary) == yb).sum(1)
         seen += len(yb)
     seen = max(1, seen)
-    return [v / seen for v in loss_sum.tolist()], [v / seen for v in correct.tolist()], step
+    return [v / seen for v in loss_sum.tolist()], [v / seen for v in correct.tolist()]
 
 
 def _evaluate(net: _StackedMLP, x: torch.Tensor, y: torch.Tensor, binary: bool,
@@ -583,16 +794,20 @@ def _schedule(cfg: TrialConfig, steps_per_epoch: int) -> list[tuple[float, float
     return out
 
 
-def _drop_stopped(rows: list[int], members: list[_Member], net: _StackedMLP, optimizer: _StackedOptimizer,
-                  dropout: _Dropout) -> list[int]:
-    """Remove the rows of members that stopped, so they cost nothing from here on."""
-    kept = [row for row, i in enumerate(rows) if members[i].state is None]
-    if len(kept) < len(rows) and kept:
-        keep = torch.tensor(kept, device=net.params()[0].device)
-        net.select(keep)
-        optimizer.select(keep)
-        dropout.select(keep)
-    return [rows[row] for row in kept]
+def _batches_tracked(state: Mapping[str, torch.Tensor]) -> int:
+    """BatchNorm's training-batch count in a member's state_dict (every norm layer counts alike)."""
+    return next((int(v) for k, v in state.items() if k.endswith("num_batches_tracked")), 0)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """`obj` with every tensor in it (in dicts and lists) moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def _shared(cfg: TrialConfig) -> dict[str, Any]:

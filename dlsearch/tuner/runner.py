@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -40,6 +41,7 @@ from dlsearch.protocol import (
     Member,
     PopulationEnd,
     PopulationEpoch,
+    RoundAnswer,
     TrialEnd,
     from_result,
     resources_scale,
@@ -472,6 +474,11 @@ class _DriverCallback(_DriverBound, _Callback):
         cache = Path(self.driver.spec.tracking.artifacts).resolve().parent / "checkpoints" / trial.trial_id
         self.driver.on_error(trial.trial_id, reason, _local_folder(trial.checkpoint, cache))
 
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        if trial.trial_id in self.driver.populations:  # a population's round: its completed members' weights
+            cache = Path(self.driver.spec.tracking.artifacts).resolve().parent / "checkpoints" / trial.trial_id
+            self.driver.on_checkpoint(trial.trial_id, _local_folder(checkpoint, cache))
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self.driver.emit("tick", {})
 
@@ -530,6 +537,13 @@ class _Driver:
         self.pending: list[list[TrialRecord]] = []
         self.board: Any = None
         self.board_name = ""
+        # Per population: the first member's config and the values newcomers are asked with (its
+        # shared keys); the last round answered; a round whose answer waits for its checkpoint, and
+        # the members that completed in it, closed once their weights are in (`on_checkpoint`).
+        self.references: dict[str, tuple[TrialConfig, dict[str, Any]]] = {}
+        self.answered: dict[str, int] = {}
+        self.unanswered: dict[str, tuple[int, list[int]]] = {}
+        self.awaiting: dict[str, list[TrialRecord]] = {}
         # The reason of the last trials to fail, and how many in a row failed with it (a resumed
         # study goes on counting); a stop decision once `resources.stop_after_identical_failures` did.
         self.failures = failures
@@ -598,6 +612,8 @@ class _Driver:
             self.records[tune_trial_id] = group[0]
             return self._single_config(group[0])
         self.populations[tune_trial_id] = {r.number: r for r in group}
+        self.references[tune_trial_id] = (group[0].cfg, {k: v for k, v in group[0].cfg.params.items()
+                                                         if k not in VARYING})
         for r in group:
             r.population = [m.number for m in group]
             r.optuna_trial.set_user_attr("population", r.population)
@@ -621,11 +637,7 @@ class _Driver:
                     if number in members:
                         members[number].final = end
             elif isinstance(report, PopulationEpoch):
-                stop = [number for number, metrics in report.members.items()
-                        if number in members and self._on_epoch(members[number], report.epoch, metrics, node,
-                                                                 tune_trial_id)]
-                if self.board is not None:
-                    self.board.post.remote(tune_trial_id, report.epoch, stop)
+                self._on_round(tune_trial_id, report, node)
             return False
         record = self.records.get(tune_trial_id)
         if record is None:
@@ -637,6 +649,101 @@ class _Driver:
         if isinstance(report, EpochReport):
             return self._on_epoch(record, report.epoch, report.metrics, node)
         return False
+
+    def _on_round(self, tune_trial_id: str, report: PopulationEpoch, node: Mapping[str, str]) -> None:
+        """A population's round: each member's epoch to `_on_epoch`; the members that ended or are
+        pruned closed (a completed one once its checkpoint is in: `on_checkpoint`); then the
+        answer posted (`_answer`). A round a restarted worker repeats was answered already: its
+        answer is still on the board (unless it waited for a checkpoint the dead worker never
+        handed over)."""
+        members = self.populations[tune_trial_id]
+        new = report.round > self.answered.get(tune_trial_id, 0)
+        stop: list[int] = []
+        for number, metrics in report.members.items():
+            record = members.get(number)
+            if record is None:
+                if new:
+                    stop.append(number)  # closed here already: a repeated round after a restart must not revive it
+                continue
+            pruned = self._on_epoch(record, report.epochs.get(number, report.round), metrics, node, tune_trial_id)
+            if number in report.ended:
+                record.final = report.ended[number]
+            elif pruned:
+                stop.append(number)
+        if not new:
+            if tune_trial_id in self.unanswered and not report.checkpointed:
+                self._answer(tune_trial_id, *self.unanswered.pop(tune_trial_id))
+            return
+        self.answered[tune_trial_id] = report.round
+        for number in [*report.ended, *stop]:
+            record = members.pop(number, None)
+            if record is None:
+                continue
+            if (record.pruned_at is None and report.checkpointed and record.final is not None
+                    and record.final.state == "COMPLETE"):
+                self.awaiting.setdefault(tune_trial_id, []).append(record)
+            else:
+                self._close_ended(record, record.pruned_at is not None, None)
+        if report.checkpointed:
+            self.unanswered[tune_trial_id] = (report.round, stop)
+        else:
+            self._answer(tune_trial_id, report.round, stop)
+
+    def on_checkpoint(self, tune_trial_id: str, checkpoint_dir: str | None) -> None:
+        """A population's checkpoint is in: close the members that completed in its round (their
+        best weights copied out of it, since Tune keeps only a trial's last checkpoint), then answer."""
+        for record in self.awaiting.pop(tune_trial_id, []):
+            self._close_ended(record, False, self._keep_member_files(tune_trial_id, checkpoint_dir, record.number))
+        if tune_trial_id in self.unanswered:
+            self._answer(tune_trial_id, *self.unanswered.pop(tune_trial_id))
+
+    def _keep_member_files(self, tune_trial_id: str, checkpoint_dir: str | None, number: int) -> str | None:
+        """Member `number`'s files (`model/best.pt`) copied from a population's checkpoint to a folder
+        of the driver's own, beside the checkpoint cache: the trial's checkpoint (Optuna's user attr)."""
+        source = Path(checkpoint_dir) / MEMBERS_DIR / str(number) if checkpoint_dir else None
+        if source is None or not source.is_dir():
+            return None
+        target = (Path(self.spec.tracking.artifacts).resolve().parent / "checkpoints" / tune_trial_id / MEMBERS_DIR
+                  / str(number))
+        shutil.copytree(source, target, dirs_exist_ok=True)
+        return str(target)
+
+    def _answer(self, tune_trial_id: str, round_: int, stop: list[int]) -> None:
+        """Post a round's answer: the members to stop, and newcomers asked for the free slots."""
+        members = self.populations.get(tune_trial_id)
+        if members is None:
+            return
+        add = self._refill(tune_trial_id, self.spec.resources.population - len(members))
+        if self.board is not None:
+            self.board.post.remote(tune_trial_id, round_,
+                                   RoundAnswer(stop, [Member(r.number, dict(r.cfg.params)) for r in add]))
+
+    def _refill(self, tune_trial_id: str, n_free: int) -> list[TrialRecord]:
+        """Up to `n_free` newly asked trials for a population's free slots, while the budget has trials
+        to ask: asked with the first member's shared keys, as the first members were. One that does
+        not stack all the same (another optimizer family; a trial queued to run again, which Optuna
+        hands out first) waits in `pending` for a Tune trial of its own."""
+        from dlsearch.trial.population import check_stackable
+
+        reference, fixed = self.references[tune_trial_id]
+        members = self.populations[tune_trial_id]
+        added: list[TrialRecord] = []
+        for _ in range(max(0, min(n_free, self.to_ask))):
+            if self.grid_done or self.stop_reason:
+                break
+            record = self._ask_one(fixed)
+            try:
+                check_stackable([reference, record.cfg])
+            except ValueError:
+                self.pending.append([record])
+                continue
+            added.append(record)
+        numbers = sorted([*members, *(r.number for r in added)])
+        for r in added:
+            r.population = numbers
+            r.optuna_trial.set_user_attr("population", numbers)
+            members[r.number] = r
+        return added
 
     def _on_epoch(self, record: TrialRecord, epoch: int, metrics: Mapping[str, Any], node: Mapping[str, str],
                   population: str = "") -> bool:
@@ -660,9 +767,12 @@ class _Driver:
 
     def on_complete(self, tune_trial_id: str, checkpoint_dir: str | None) -> None:
         if tune_trial_id in self.populations:
+            for record in self.awaiting.pop(tune_trial_id, []):
+                self._close_ended(record, False, self._keep_member_files(tune_trial_id, checkpoint_dir, record.number))
             for record in self.populations.pop(tune_trial_id).values():
-                folder = str(Path(checkpoint_dir) / MEMBERS_DIR / str(record.number)) if checkpoint_dir else None
+                folder = self._keep_member_files(tune_trial_id, checkpoint_dir, record.number)
                 self._close_ended(record, record.pruned_at is not None, folder)
+            self._forget_population(tune_trial_id)
             return
         record = self.records.pop(tune_trial_id, None)
         if record is None:
@@ -710,8 +820,15 @@ class _Driver:
         self.to_ask += 1
         self.emit("trial_requeued", {"number": record.number, "reason": reason, "scale": scale})
 
+    def _forget_population(self, tune_trial_id: str) -> None:
+        for table in (self.references, self.answered, self.unanswered):
+            table.pop(tune_trial_id, None)
+        if self.board is not None:
+            self.board.forget.remote(tune_trial_id)
+
     def on_error(self, tune_trial_id: str, reason: str, checkpoint_dir: str | None = None) -> None:
-        records = list(self.populations.pop(tune_trial_id, {}).values())
+        records = [*self.awaiting.pop(tune_trial_id, []), *self.populations.pop(tune_trial_id, {}).values()]
+        self._forget_population(tune_trial_id)
         record = self.records.pop(tune_trial_id, None)
         for r in records + ([record] if record is not None else []):
             self._close(r, TrialState.FAIL, reason, r.final, checkpoint_dir=checkpoint_dir)
@@ -720,7 +837,7 @@ class _Driver:
         """Close trials still running (stopped driver): FAIL `interrupted`, rerun on resume.
         So are trials asked for a population that had not started."""
         running = [*self.records.values(), *(r for p in self.populations.values() for r in p.values()),
-                   *(r for group in self.pending for r in group)]
+                   *(r for group in self.pending for r in group), *(r for a in self.awaiting.values() for r in a)]
         for record in running:
             self.n_interrupted += 1
             _mark_interrupted(self.study, record.optuna_trial.number, record.optuna_trial.params, record.scale)
@@ -728,6 +845,7 @@ class _Driver:
         self.records.clear()
         self.populations.clear()
         self.pending.clear()
+        self.awaiting.clear()
 
     def register_best(self) -> None:
         best = _best_trial(self.study)
