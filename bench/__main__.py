@@ -19,6 +19,7 @@ from bench import (
     memory,
     overhead,
     population,
+    population_run,
     pruning,
     replace_section,
     sampler,
@@ -29,7 +30,7 @@ from bench import (
 )
 
 SUITE = {"loop": loop, "overhead": overhead, "pruning": pruning, "tracking": tracking, "sampler": sampler,
-         "memory": memory, "population": population, "versus": versus, "lcbench": lcbench, "gpu": gpu}
+         "memory": memory, "population": population, "population_run": population_run, "versus": versus, "lcbench": lcbench, "gpu": gpu}
 ONLY_WHEN_NAMED = ("gpu",)  # needs a GPU: not part of a plain `python -m bench`
 
 

@@ -242,8 +242,11 @@ def _dlsearch(s: Setup, folder: Path, population: int = 1) -> dict[str, Any]:
         now = time.perf_counter()
         if kind == "epoch":
             marks["n_epochs"] = marks.get("n_epochs", 0) + 1
-            # The members of a population report the same epoch, timed once for all of them.
-            key = (info.get("population"), info["epoch"]) if info.get("population") else (info["number"], info["epoch"])
+            # The members of a population train one round together (each at its own epoch once it
+            # refills), timed once for all of them: one round, one `epoch_time_s`.
+            metrics = info["metrics"]
+            key = ((info["population"], metrics["epoch_time_s"]) if info.get("population")
+                   else (info["number"], info["epoch"]))
             if key not in seen:
                 seen.add(key)
                 epoch_s.append(float(info["metrics"]["epoch_time_s"]))

@@ -10,6 +10,7 @@ not: no test calls it. The memory cap a trial on a share sets is the value it re
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -138,3 +139,42 @@ def test_an_out_of_memory_trial_runs_again_with_twice_the_share(fake_gpus: None,
     assert {r.data.tags["dlsearch.gpu_share"] for r in complete} == {"0.5"}
     assert {r.data.tags["dlsearch.gpu_memory_fraction"] for r in complete} == {"0.5"}
     assert all("runs again with 2x" in r.data.tags["dlsearch.fail_reason"] for r in failed)
+
+
+def test_populations_and_single_trials_share_the_gpus_without_over_committing_them(fake_gpus: None,
+                                                                                   tmp_path: Path) -> None:
+    """Mixed with populations: digits MLPs (the built-in loop; CUDA absent, so they train on the CPU
+    while Ray accounts the GPUs), half a GPU per Tune trial, populations of 4 that refill. Every
+    member of a population reports the one device and share its Tune trial got; a trial that does
+    not stack (sgd beside adam) runs as a Tune trial of its own, on a share of its own."""
+    n_trials = 8
+    path = write_study(tmp_path, name="mixed", budget={"trials": n_trials}, train={"epochs": 2},
+                       resources={"gpus_per_trial": 0.5, "cpus_per_trial": 1, "max_concurrent": "auto",
+                                  "population": 4},
+                       tracking={"register_best": False})
+    spans: dict[str, list[float]] = {}  # a Tune trial (population id or trial number) -> first, last epoch seen
+    tune_trial_of: dict[int, str] = {}
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "epoch":
+            key = info.get("population") or f"trial {info['number']}"
+            tune_trial_of[info["number"]] = key
+            spans.setdefault(key, [time.monotonic()] * 2)[1] = time.monotonic()
+
+    summary = run_study(load_spec(path), on_event=on_event)
+    assert summary.n_complete + summary.n_pruned == n_trials and summary.n_failed == 0
+    runs = {int(r.data.tags["dlsearch.trial_number"]): r.data.tags for r in _runs(tmp_path, "mixed")}
+    assert sorted(runs) == list(range(n_trials))
+    device: dict[str, set[str]] = {}
+    for number, tags in runs.items():
+        assert tags["dlsearch.gpus"] in {"0", "1"} and float(tags["dlsearch.gpu_share"]) == 0.5
+        assert tags["dlsearch.gpu_memory_fraction"] == "0.5"  # the cap each would set on a real GPU
+        device.setdefault(tune_trial_of[number], set()).add(tags["dlsearch.gpus"])
+    populations = [key for key in device if not key.startswith("trial ")]
+    assert populations and all(len(gpus) == 1 for gpus in device.values())  # a population is on one GPU
+    assert len(spans) < n_trials  # members of a population share one Tune trial, one device
+    # No GPU over-committed: Tune trials seen training at the same moment hold at most one GPU each.
+    for moment in sorted(start for start, _ in spans.values()):
+        for gpu in ("0", "1"):
+            held = sum(0.5 for key, (start, end) in spans.items() if gpu in device[key] and start <= moment <= end)
+            assert held <= 1.0, (gpu, moment, spans, device)

@@ -247,35 +247,6 @@ def _out_of_memory(err: BaseException) -> bool:
     return oom
 
 
-class PruneBoard:
-    """Where the driver posts its answer to each round of a population (`RoundAnswer`: members to
-    stop, newcomers); the population's worker waits for it before its next round. Answers stay
-    until the population ends (`forget`): a worker restarted from a checkpoint repeats rounds
-    and takes their answers again. One per study run, a named Ray actor."""
-
-    def __init__(self) -> None:
-        self._posts: dict[tuple[str, int], RoundAnswer] = {}
-        self._events: dict[tuple[str, int], Any] = {}
-
-    async def post(self, key: str, round_: int, answer: RoundAnswer) -> None:
-        self._posts[(key, round_)] = answer
-        self._event(key, round_).set()
-
-    async def wait(self, key: str, round_: int) -> RoundAnswer:
-        await self._event(key, round_).wait()
-        return self._posts[(key, round_)]
-
-    async def forget(self, key: str) -> None:
-        for k in [k for k in self._events if k[0] == key]:
-            self._events.pop(k, None)
-            self._posts.pop(k, None)
-
-    def _event(self, key: str, round_: int) -> Any:
-        import asyncio
-
-        return self._events.setdefault((key, round_), asyncio.Event())
-
-
 class _TuneReporter:
     """The report callable of a trial under Tune: epochs to the driver, checkpoints to Tune's storage."""
 

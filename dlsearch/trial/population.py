@@ -1,6 +1,9 @@
 """Batched populations of trials: K MLP trials that share their shapes, trained as one stacked model.
 
-`train_population(cfgs, data, report)` trains every config in `cfgs` in this process at once.
+`train_population(cfgs, data, report)` trains every config in `cfgs` in this process at once;
+`Population` is the same, a round (one epoch of each member) at a time, for a caller that adds
+members as others end (`add`), stops them (`stop`) and saves and restores it (`state_dict`,
+`Population.restore`: a restarted worker resumes every member where it was).
 Each weight of the MLP is held as one tensor of shape `(K, ...)` (member k's `nn.Linear` weight
 is row k), so a step is a few large matrix products instead of K small ones and K Python loops:
 
@@ -22,11 +25,18 @@ Per member, as `dlsearch.trial.train.train_trial` does per trial: one curve of t
 best weights kept, a loss that turns NaN or inf fails that member only, and its best weights are
 evaluated on the test split. Results are `TrialResult`s, in the order of `cfgs`.
 
-Stopping a member (pruning): `report` returns False, or raises `dlsearch.trial.train.TrialPruned`;
-the member ends PRUNED after that epoch (its best weights kept, no test evaluation, like a
-pruned trial). Members that stop for any reason are dropped from the stacked tensors at the
-epoch's end, so they cost nothing afterwards; the others' curves do not depend on them (up to
-float rounding: the products change shape).
+Stopping a member (pruning): `report` returns False, or raises `dlsearch.trial.train.TrialPruned`
+(or the round's answer names it); the member ends PRUNED after that epoch (its best weights kept,
+no test evaluation, like a pruned trial). Members that end for any reason are dropped from the
+stacked tensors at the round's end, so they cost nothing afterwards; the others' curves do not
+depend on them (up to float rounding: the products change shape).
+
+Members at different epochs (a refilled population): each member counts its own epochs, its
+own optimizer steps (Adam's bias correction) and its position in the LR schedule, so a member
+added at round 6 starts at its epoch 1 with fresh weights (from its seed), zero optimizer
+state and the schedule's first step, beside members at their epoch 6; each ends at its own
+`train.epochs`, early stopping or pruning. A completed member's best weights are evaluated on
+the test split in the round it ends.
 
 Batches: every member sees the same batches in the same order, drawn from a generator seeded
 with `shuffle_seed` (default: the first member's seed), and the same augmented images (seed
@@ -35,7 +45,8 @@ batches `train_trial` would give it, from exactly the weights it would start fro
 member's init draws from `torch.manual_seed(member seed)`), and its curve matches
 `train_trial`'s to float rounding when dropout is off. Dropout masks come from one population
 generator (seed `shuffle_seed + 2`), one independent mask per member, not from the global RNG
-as in `train_trial`: statistically the same, not the same draws.
+as in `train_trial`: statistically the same, not the same draws. A member that joins later
+trains on the population's batches from that round on (its epoch 1 is the population's round).
 
 What members must share (`stack_problems`, `group_stackable`): the whole `data:` section, the
 model's shapes (`model.kind: mlp`, depth, width, activation, norm none/layer/batch), and every
@@ -43,7 +54,7 @@ model's shapes (`model.kind: mlp`, depth, width, activation, norm none/layer/bat
 population, sgd needs a population of its own; rmsprop, `model.init_from`/`freeze`,
 `train.precision: fp16` and custom trainables are not supported. Members may differ in
 `train.lr`, `train.weight_decay`, `train.momentum`, `train.optimizer` (adam/adamw), `model.dropout`,
-`model.init`, `seed` and their objective. No checkpoints are handed out and there is no resume.
+`model.init`, `seed` and their objective.
 
 Pure torch, like the training loop it mirrors.
 """

@@ -301,7 +301,8 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[s
     from ray import tune
 
     from dlsearch.backend.scheduler import DriverScheduler
-    from dlsearch.backend.worker import PruneBoard, run_trial
+    from dlsearch.backend.board import PruneBoard
+    from dlsearch.backend.worker import run_trial
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -612,8 +613,7 @@ class _Driver:
             self.records[tune_trial_id] = group[0]
             return self._single_config(group[0])
         self.populations[tune_trial_id] = {r.number: r for r in group}
-        self.references[tune_trial_id] = (group[0].cfg, {k: v for k, v in group[0].cfg.params.items()
-                                                         if k not in VARYING})
+        self.references[tune_trial_id] = (group[0].cfg, self._refill_keys(group[0].cfg))
         for r in group:
             r.population = [m.number for m in group]
             r.optuna_trial.set_user_attr("population", r.population)
@@ -718,11 +718,23 @@ class _Driver:
             self.board.post.remote(tune_trial_id, round_,
                                    RoundAnswer(stop, [Member(r.number, dict(r.cfg.params)) for r in add]))
 
+    def _refill_keys(self, reference: TrialConfig) -> dict[str, Any]:
+        """The values a population's newcomers are asked with: its first member's shared keys and,
+        where the search offers optimizers of another family (sgd beside adam), its optimizer, so
+        that every newcomer stacks."""
+        from dlsearch.trial.population import FAMILIES, VARYING
+
+        fixed = {k: v for k, v in reference.params.items() if k not in VARYING}
+        choices = getattr(self.spec.search.get("train.optimizer"), "choices", ())
+        if any(FAMILIES.get(c, c) != FAMILIES[reference.train.optimizer] for c in choices):
+            fixed["train.optimizer"] = reference.train.optimizer
+        return fixed
+
     def _refill(self, tune_trial_id: str, n_free: int) -> list[TrialRecord]:
         """Up to `n_free` newly asked trials for a population's free slots, while the budget has trials
-        to ask: asked with the first member's shared keys, as the first members were. One that does
-        not stack all the same (another optimizer family; a trial queued to run again, which Optuna
-        hands out first) waits in `pending` for a Tune trial of its own."""
+        to ask: asked with the first member's shared keys (`_refill_keys`), as the first members were.
+        One that does not stack all the same (a trial queued to run again, which Optuna hands out
+        first) waits in `pending` for a Tune trial of its own."""
         from dlsearch.trial.population import check_stackable
 
         reference, fixed = self.references[tune_trial_id]
