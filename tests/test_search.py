@@ -276,6 +276,7 @@ PRUNERS = {
     "median": ({"type": "median", "n_startup_trials": 5, "n_warmup_steps": 2}, "MedianPruner"),
     "percentile": ({"type": "percentile", "percentile": 25}, "PercentilePruner"),
     "successive_halving": ({"type": "successive_halving"}, "SuccessiveHalvingPruner"),
+    "asha": ({"type": "asha", "reduction_factor": 3}, "SuccessiveHalvingPruner"),
     "hyperband": ({"type": "hyperband", "min_resource": 1, "max_resource": 20}, "HyperbandPruner"),
     "patient": ({"type": "patient", "patience": 2, "wrapped": {"type": "median"}}, "PatientPruner"),
     "threshold": ({"type": "threshold", "lower": 0.1}, "ThresholdPruner"),
@@ -291,8 +292,40 @@ def test_every_pruner_constructs(kind: str) -> None:
     assert type(pruner).__name__ == cls
 
 
-def test_default_pruner_is_median() -> None:
-    assert isinstance(make_pruner(_spec()), optuna.pruners.MedianPruner)
+def test_default_search_is_tpe_with_asha_rungs_tied_to_the_epochs() -> None:
+    """The default (chosen on LCBench, BENCHMARKS.md): TPE after as many random trials as run at
+    once, at least 3; successive halving whose first rung is at 15% of the most epochs a trial
+    runs, a third going on at each rung."""
+    for concurrency, startup in ((1, 3), (3, 3), (16, 16)):
+        sampler = make_sampler(_spec(), concurrency)
+        assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == startup
+    assert make_sampler(_spec(sampler={"type": "tpe", "n_startup_trials": 7}), 16)._n_startup_trials == 7
+    for epochs, searched, first in ((52, None, 8), (20, None, 3), (3, None, 1), (10, [5, 40], 6)):
+        changes: dict[str, Any] = {"train": {"epochs": epochs}}
+        if searched:
+            changes["search"] = {**BASE["search"], "train.epochs": {"type": "int", "low": searched[0],
+                                                                    "high": searched[1]}}
+        pruner = make_pruner(_spec(**changes))
+        assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+        assert (pruner._min_resource, pruner._reduction_factor) == (first, 3), (epochs, searched)
+    # The study file's own options win over the defaults tied to the epochs.
+    pruner = make_pruner(_spec(pruner={"type": "asha", "min_resource": 4, "reduction_factor": 2}))
+    assert (pruner._min_resource, pruner._reduction_factor) == (4, 2)
+
+
+def test_asha_promotes_the_best_third_at_each_rung() -> None:
+    """Rungs at 1 and 3 of 6 epochs (15% of 6 rounds to 1): trials that report in order, each
+    better than the last, all pass; a trial below the rung's best third is pruned there."""
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(_spec(train={"epochs": 6})))
+    for value in (0.5, 0.6, 0.7):
+        trial = study.ask()
+        for epoch in range(1, 7):
+            trial.report(value, epoch)
+            assert not trial.should_prune()
+        study.tell(trial, value)
+    worst = study.ask()
+    worst.report(0.1, 1)
+    assert worst.should_prune()
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")

@@ -128,3 +128,63 @@ def test_bad_arguments_name_what_must_hold() -> None:
         simulate_study(_spec(), lambda p: _curve(0.5), n_workers=1, max_epochs=0)
     with pytest.raises(ValueError, match=r"len\(metrics\) == len\(epoch_time_s\)"):
         RecordedCurve([{"val_accuracy": 1.0}], [1.0, 2.0])
+
+
+# ---------------------------------------------------------------- dlsearch simulate
+
+_REPLAY = '''
+import math
+
+
+def replay(config, report):
+    """A recorded curve per lr: rises with the epoch, best near lr = 0.03; 30 s an epoch."""
+    lr = config["lr"]
+    for epoch in range(1, config["train"]["epochs"] + 1):
+        report(epoch, {"val_accuracy": (1 - math.exp(-epoch * lr * 10)) / (1 + abs(math.log10(lr) + 1.5)),
+                       "epoch_time_s": 30.0})
+'''
+
+
+def test_simulate_command_replays_a_trainable_on_the_simulated_clock_and_writes_nothing(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from dlsearch.cli.commands import main
+
+    (tmp_path / "curves.py").write_text(_REPLAY)
+    (tmp_path / "study.yaml").write_text(
+        "name: sim-cli\ntrainable: curves:replay\ntrain: {epochs: 10}\n"
+        "search:\n  lr: {type: float, low: 0.0001, high: 1.0, log: true}\n"
+        "objective: {metric: val_accuracy, direction: maximize}\nbudget: {trials: 12}\n")
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(main, ["simulate", "study.yaml", "--workers", "3", "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    assert result["trials"] == 12 and result["complete"] + result["pruned"] + result["failed"] == 12
+    assert result["pruned"] >= 1  # the default pruner (asha) acted on the replayed curves
+    assert result["epochs_run"] < 12 * 10
+    # Each epoch takes the 30 s the curve says; 3 workers share the epochs run.
+    assert result["epochs_run"] * 30 / 3 <= result["simulated_s"] <= result["epochs_run"] * 30
+    seen = result["best_seen_at_share_of_epochs"]
+    assert seen["25%"] <= seen["50%"] <= seen["100%"] and result["best_value"] <= seen["100%"]
+    assert {p.name for p in tmp_path.iterdir()} <= {"__pycache__", "curves.py", "study.yaml"}  # nothing written
+
+    plain = CliRunner().invoke(main, ["simulate", "study.yaml", "--set", "pruner.type=none", "--workers", "1"])
+    assert plain.exit_code == 0, plain.output
+    assert "12 trials on 1 simulated worker (12 complete, 0 pruned, 0 failed), 120 epochs in 1:00:00" in plain.output
+
+
+def test_simulate_refuses_a_study_without_a_trainable_in_one_line(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from dlsearch.cli.commands import main
+
+    study = tmp_path / "study.yaml"
+    study.write_text("name: builtin\ndata: {dataset: digits}\n"
+                     "search:\n  train.lr: {type: float, low: 0.0001, high: 1.0, log: true}\n"
+                     "objective: {metric: val_accuracy, direction: maximize}\n")
+    out = CliRunner().invoke(main, ["simulate", str(study)])
+    assert out.exit_code == 2
+    assert out.output.strip().count("\n") == 0 and "trainable" in out.output and "Traceback" not in out.output

@@ -17,6 +17,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from dlsearch.config.schema import (
     CONFIG_KEYS,
+    DEFAULT_PRUNER,
+    DEFAULT_SAMPLER,
     IMAGE_DATASETS,
     IMAGE_SIDES,
     PLAIN_KEY,
@@ -149,8 +151,8 @@ def _relevant_errors(errors: list[dict]) -> list[dict]:
 def _check_optuna_sections(raw: dict) -> list[str]:
     """The sampler and pruner options, checked even when other sections are broken."""
     try:
-        sampler = SamplerSpec.model_validate(raw.get("sampler", {}))
-        pruner = PrunerSpec.model_validate(raw.get("pruner", {"n_startup_trials": 5, "n_warmup_steps": 2}))
+        sampler = SamplerSpec.model_validate(raw.get("sampler", DEFAULT_SAMPLER))
+        pruner = PrunerSpec.model_validate(raw.get("pruner", DEFAULT_PRUNER))
     except ValidationError:
         return []  # already reported
     return _optuna_problems(sampler, pruner, None)

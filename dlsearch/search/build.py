@@ -27,6 +27,7 @@ PRUNERS = {
     "median": "MedianPruner",
     "percentile": "PercentilePruner",
     "successive_halving": "SuccessiveHalvingPruner",
+    "asha": "SuccessiveHalvingPruner",  # with rungs tied to the epochs: asha_options
     "hyperband": "HyperbandPruner",
     "patient": "PatientPruner",
     "threshold": "ThresholdPruner",
@@ -37,14 +38,46 @@ _SAMPLER_OWN_KEYS = {"seed", "search_space"}
 
 
 
-def sampler_from(kind: str, kwargs: dict[str, Any], seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler named `kind` (`tpe`, `random`, ...), with the study file's options."""
-    return getattr(optuna.samplers, SAMPLERS[kind])(seed=seed, **kwargs)
+def sampler_from(kind: str, kwargs: dict[str, Any], seed: int | None = None,
+                 concurrency: int = 1) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named `kind` (`tpe`, `random`, ...), with the study file's options;
+    `concurrency`, the trials that run at once, resolves `n_startup_trials: auto`."""
+    return getattr(optuna.samplers, SAMPLERS[kind])(seed=seed, **resolve_startup(kwargs, concurrency))
 
 
-def pruner_from(kind: str, kwargs: dict[str, Any]) -> optuna.pruners.BasePruner:
-    """The Optuna pruner named `kind` (`median`, `hyperband`, ...), with the study file's options."""
+# `n_startup_trials: auto` (the default sampler's): random trials until as many have finished as
+# run at once, and at least 3. TPE's model of 3 results beats Optuna's 10 random trials on one
+# worker, but with 16 at once, trials asked from 3 results crowd around them (BENCHMARKS.md, LCBench).
+MIN_STARTUP_TRIALS = 3
+
+
+def resolve_startup(kwargs: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    """`kwargs` with `n_startup_trials: auto` replaced by max(3, `concurrency`)."""
+    if kwargs.get("n_startup_trials") != "auto":
+        return dict(kwargs)
+    return {**kwargs, "n_startup_trials": max(MIN_STARTUP_TRIALS, int(concurrency))}
+
+
+def pruner_from(kind: str, kwargs: dict[str, Any], max_epochs: int | None = None) -> optuna.pruners.BasePruner:
+    """The Optuna pruner named `kind` (`median`, `hyperband`, ...), with the study file's options;
+    `max_epochs`, the most epochs a trial runs, places the rungs of `asha`."""
+    if kind == "asha":
+        kwargs = {**asha_options(max_epochs), **kwargs}
     return _pruner_from(kind, dict(kwargs))
+
+
+# dlsearch's default pruner, chosen on LCBench's learning curves (BENCHMARKS.md, bench/lcbench.py):
+# Optuna's asynchronous successive halving, but with its first rung at a share of the trial's
+# epochs, where Optuna's `min_resource="auto"` guesses the first rung from the first finished
+# trial; a third of the trials go on at each rung (Optuna's default keeps a quarter).
+ASHA_FIRST_RUNG = 0.15  # of the most epochs a trial runs: 52 epochs -> rungs at 8 and 24
+ASHA_REDUCTION_FACTOR = 3
+
+
+def asha_options(max_epochs: int | None) -> dict[str, Any]:
+    """The `asha` pruner's defaults for trials of up to `max_epochs` epochs."""
+    first = max(1, round(ASHA_FIRST_RUNG * max_epochs)) if max_epochs else 1
+    return {"min_resource": first, "reduction_factor": ASHA_REDUCTION_FACTOR, "min_early_stopping_rate": 0}
 
 
 def check_optuna_options(sampler: str, sampler_kwargs: dict[str, Any], pruner: str,
@@ -57,6 +90,7 @@ def check_optuna_options(sampler: str, sampler_kwargs: dict[str, Any], pruner: s
     steps to the pruner. An option of the right name but a wrong value or type (a `max_resource`
     of 0, a `n_startup_trials` that is not an integer) fails here, on its key, not in a run.
     """
+    sampler_kwargs = resolve_startup(sampler_kwargs, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # building and using them is a check here, not a study
         problems = _check_options(sampler, dict(sampler_kwargs), pruner, dict(pruner_kwargs))
@@ -114,7 +148,7 @@ def _probe(sampler: str, kwargs: dict[str, Any], pruner: str, pruner_kwargs: dic
     try:
         study = optuna.create_study(
             sampler=sampler_from(sampler, kwargs, seed=0),
-            pruner=pruner_from(pruner, pruner_kwargs), directions=directions)
+            pruner=pruner_from(pruner, pruner_kwargs, n_epochs), directions=directions)
         for _ in range(_PROBE_TRIALS):
             trial = study.ask()
             x = trial.suggest_float("x", 0.0, 1.0)

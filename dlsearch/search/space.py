@@ -10,17 +10,27 @@ from dlsearch.config.spec import CategoricalDim, IntDim, StudySpec
 from dlsearch.search.build import pruner_from, sampler_from
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The study's Optuna sampler, seeded from the study seed."""
+def make_sampler(spec: StudySpec, concurrency: int = 1) -> optuna.samplers.BaseSampler:
+    """The study's Optuna sampler, seeded from the study seed; `concurrency` trials run at once."""
     kwargs = dict(spec.sampler.model_extra or {})
     if spec.sampler.type == "grid":
         kwargs["search_space"] = grid_space(spec)
-    return sampler_from(spec.sampler.type, kwargs, seed=spec.seed)
+    return sampler_from(spec.sampler.type, kwargs, seed=spec.seed, concurrency=concurrency)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The study's Optuna pruner with the study file's keyword arguments."""
-    return pruner_from(spec.pruner.type, dict(spec.pruner.model_extra or {}))
+    return pruner_from(spec.pruner.type, dict(spec.pruner.model_extra or {}), max_epochs(spec))
+
+
+def max_epochs(spec: StudySpec) -> int:
+    """The most epochs a trial of the study runs (`train.epochs`, or its range's top when searched)."""
+    dim = spec.search.get("train.epochs")
+    if isinstance(dim, IntDim):
+        return int(dim.high)
+    if isinstance(dim, CategoricalDim):
+        return int(max(dim.choices))
+    return int(spec.train.epochs)
 
 
 def directions(spec: StudySpec) -> list[str]:

@@ -141,7 +141,7 @@ def simulate_study(
         raise ValueError("; ".join(problems))
     _quiet_libraries()
     if study is None:
-        study = optuna.create_study(sampler=make_sampler(spec), pruner=make_pruner(spec),
+        study = optuna.create_study(sampler=make_sampler(spec, n_workers), pruner=make_pruner(spec),
                                     directions=directions(spec), study_name=spec.name)
     out = SimulatedStudy(study, n_workers)
     clock = _Clock()
@@ -196,6 +196,29 @@ def simulate_study(
     if running:
         driver.interrupt_running()
     return out
+
+
+def trainable_curves(spec: StudySpec) -> Callable[[dict[str, Any]], Curve]:
+    """A `curve_of` for `simulate_study` from the study's own `trainable`, for trainables that
+    replay recorded curves (as `bench.lcbench_surrogate:replay` does): each trial's trainable runs
+    here, to its end, and the epochs it reports are its curve, each taking the `epoch_time_s` it
+    reports (else the time it took here). A trainable that raises gives an empty curve: FAIL.
+    Trial numbers follow the driver's asks, so each trial gets the seed it would get on Ray."""
+    from dlsearch.config.trial_config import trial_config
+    from dlsearch.trial.custom_trainable import run_custom_trainable
+
+    numbers = itertools.count()
+
+    def curve_of(params: dict[str, Any]) -> Curve:
+        cfg = trial_config(spec, params, next(numbers))
+        try:
+            rows = run_custom_trainable(cfg).history
+        except Exception:  # noqa: BLE001 - the trial fails, as it would on Ray; the study goes on
+            rows = []
+        return RecordedCurve([{k: v for k, v in r.items() if k not in ("epoch", "epoch_time_s")} for r in rows],
+                             [float(r.get("epoch_time_s", 0.0)) for r in rows])
+
+    return curve_of
 
 
 # ---------------------------------------------------------------- helpers
