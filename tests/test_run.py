@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -64,9 +68,10 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(finished_study) -> None:
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(parents) == 1 and parents[0].info.run_id == summary.parent_run_id
     assert len(children) == N_TRIALS
-    assert {r.info.run_name for r in children} == {f"trial-{n}" for n in range(N_TRIALS)}
     study = optuna.load_study(study_name=spec.name, storage=spec.tracking.optuna_storage)
     by_number = {t.number: t for t in study.trials}
+    # the name says the state and the objective (a pruned trial's best before it was stopped)
+    assert sorted(r.info.run_name for r in children) == sorted(_shown_name(t) for t in study.trials)
     for run in children:
         assert run.data.tags["mlflow.parentRunId"] == summary.parent_run_id
         number = int(run.data.tags["dlsearch.trial_number"])
@@ -74,6 +79,12 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(finished_study) -> None:
         assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
         assert run.data.tags["dlsearch.state"] == trial.state.name
         assert run.info.status == "FINISHED"
+        # summary metrics, one value each (step 0), not curves
+        assert run.data.metrics["best_val_accuracy"] == pytest.approx(_objective(trial))
+        assert run.data.metrics["epochs_run"] == len(trial.intermediate_values)
+        for key in ("best_val_accuracy", "epochs_run", "test_accuracy"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == (
+                [0] if key in run.data.metrics else [])
         # the full resolved config as dotted params, sampled values included
         assert float(run.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
         assert run.data.params["model.depth"] == "1"
@@ -86,6 +97,17 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(finished_study) -> None:
         if trial.state == TrialState.COMPLETE:
             assert "test_accuracy" in run.data.metrics
             assert "checkpoint" in artifacts
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.params["search.train.lr"] == "loguniform(1e-05, 0.3)"
+    assert parent.data.params["search.train.momentum"] == "uniform(0.5, 0.9) if train.optimizer = sgd"
+    assert parent.data.params["search.model.width"] == "choice(16, 32, 64)"
+    assert parent.data.params["sampler"] == "tpe(n_startup_trials=4)"
+    assert parent.data.params["pruner"] == "median(n_startup_trials=2, n_warmup_steps=1)"
+    assert parent.data.params["objective"] == "maximize val_accuracy"
+    assert parent.data.params["budget.trials"] == str(N_TRIALS)
+    assert parent.data.tags["best.trial"] == str(summary.best_number)
+    assert {k.removeprefix("best."): v for k, v in parent.data.tags.items() if k.startswith("best.") and k != "best.trial"} == {
+        k: str(v) for k, v in summary.best_params.items()}
     parent_artifacts = {a.path for a in client.list_artifacts(summary.parent_run_id)}
     assert {"study.yaml", "leaderboard.csv", "learning_curves.png", "optimization_history.png"} <= parent_artifacts
     best_curve = client.get_metric_history(summary.parent_run_id, "best_value")
@@ -123,6 +145,115 @@ def test_report_and_best_commands(finished_study) -> None:
     assert as_json["trial"] == summary.best_number
 
 
+# ------------------------------------------------------------ what a person sees, in a real browser
+# Headless Chromium from Debian's package (.ci/run installs it), driven by Playwright (never
+# `playwright install`: it runs the system's browser). The MLflow UI is a single-page app that
+# renders after its bundle loads and its API answers: waits are for selectors, with generous
+# timeouts (seconds on a loaded 2-core machine). DLSEARCH_SCREENSHOTS=docs also saves the pages
+# as docs/mlflow_ui.png and docs/optuna_dashboard.png (the README shows them).
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # the browser tests skip; the rest of the module runs
+    expect = sync_playwright = None
+
+_RENDER_MS = 120_000
+_SCREEN = {"width": 1600, "height": 1000}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None:
+        pytest.skip("playwright is in the test extra (pip install -e '.[test]')")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("no chromium on PATH (.ci/run installs Debian's package as root)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable)
+        yield chromium
+        chromium.close()
+
+
+def test_mlflow_ui_shows_each_trial_with_its_state_and_objective(finished_study, browser) -> None:
+    path, _, _ = finished_study
+    spec = load_spec(path)
+    study = optuna.load_study(study_name=spec.name, storage=spec.tracking.optuna_storage)
+    port = _free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "dlsearch", "ui", str(path), "--port", str(port)], cwd=path.parent,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        printed = ui.stdout.readline()  # once the server answers
+        assert printed.startswith("MLflow UI: "), printed
+        link = printed.split()[2]
+        assert "viewStateShareKey=dlsearch-trials" in link
+        page = browser.new_page(viewport=_SCREEN)  # a fresh profile, as a first visit
+        page.goto(link)
+        # the experiment opens on its training runs (not the GenAI overview), in the trials view
+        page.get_by_text(_shown_name(study.best_trial), exact=True).wait_for(timeout=_RENDER_MS)
+        assert page.get_by_role("heading", name="Runs").is_visible()
+        assert page.get_by_text("Detect Issues").count() == 0
+        # every trial is a row; its name gives state and objective, and so do the view's columns
+        rows = page.locator('.ag-row .ag-cell[col-id="attributes.`Run Name`"]')
+        expect(rows).to_have_count(len(study.trials) + 1, timeout=_RENDER_MS)
+        names = _column(page, "attributes.`Run Name`")
+        assert sorted(names[:-1]) == sorted(_shown_name(t) for t in study.trials)
+        assert names[0] == _shown_name(study.best_trial)  # ranked by the objective, best first
+        assert names[-1] == study.study_name  # the parent has no objective: last
+        states = _column(page, "tags.`dlsearch.state`")
+        values = _column(page, "metrics.`best_val_accuracy`")
+        by_name = {_shown_name(t): t for t in study.trials}
+        for name, state, value in zip(names[:-1], states, values):
+            trial = by_name[name]
+            assert state == trial.state.name
+            assert float(value.rstrip(".…")) == pytest.approx(_objective(trial), abs=1e-3)
+        assert page.locator('.ag-header-cell[col-id="params.`train.lr`"]').is_visible()
+        if os.environ.get("DLSEARCH_SCREENSHOTS"):
+            _save(page, "mlflow_ui.png", close=("Close", "Hide banner"))  # MLflow's assistant panel, the view's banner
+        page.close()
+
+        # MLflow's own default view (no saved view): the parent row unfolds to one child per trial
+        page = browser.new_page(viewport=_SCREEN)
+        page.goto(link.split("&viewStateShareKey")[0])
+        parent = page.locator(".ag-row", has_text=study.study_name)
+        parent.wait_for(timeout=_RENDER_MS)
+        rows = page.locator('.ag-row .ag-cell[col-id="attributes.`Run Name`"]')
+        assert page.get_by_text("trial-0 · ").count() == 0  # folded
+        parent.get_by_role("button").first.click()
+        expect(rows).to_have_count(len(study.trials) + 1, timeout=_RENDER_MS)
+        assert sorted(_column(page, "attributes.`Run Name`")) == sorted(
+            [study.study_name] + [_shown_name(t) for t in study.trials])
+        page.close()
+    finally:
+        ui.terminate()
+        ui.wait(timeout=60)
+
+
+def test_optuna_dashboard_names_the_objective(finished_study, browser) -> None:
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is in the test extras")
+    path, _, _ = finished_study
+    spec = load_spec(path)
+    port = _free_port()
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    proc = _serve([str(dashboard), spec.tracking.optuna_storage, "--host", "127.0.0.1", "--port", str(port)],
+                  f"http://127.0.0.1:{port}/api/studies", path.parent)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as response:
+            study_id = {s["study_name"]: s["study_id"] for s in json.loads(response.read())["study_summaries"]}[spec.name]
+        page = browser.new_page(viewport=_SCREEN)
+        page.goto(f"http://127.0.0.1:{port}/dashboard/studies/{study_id}")
+        page.get_by_text("Best Trial").wait_for(timeout=_RENDER_MS)
+        page.locator(".js-plotly-plot").first.wait_for(timeout=_RENDER_MS)
+        assert page.get_by_text("val_accuracy").first.is_visible()  # the history's y axis: the metric's name
+        assert page.get_by_text("Objective 0").count() == 0
+        assert page.get_by_text("Pruned").first.is_visible() and page.get_by_text("Complete").first.is_visible()
+        if os.environ.get("DLSEARCH_SCREENSHOTS"):
+            _save(page, "optuna_dashboard.png")
+        page.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_rerun_of_a_finished_study_runs_nothing_and_trials_extend_it(finished_study) -> None:
     path, _, _ = finished_study
     spec = load_spec(path)
@@ -131,6 +262,10 @@ def test_rerun_of_a_finished_study_runs_nothing_and_trials_extend_it(finished_st
     assert again.epochs_run == 0
     extended = run_study(spec, trials=N_TRIALS + 2)
     assert extended.n_complete + extended.n_pruned + extended.n_failed == N_TRIALS + 2
+    # the parent's params stay as the version started; its best-trial tags follow the study
+    parent = MlflowClient(tracking_uri=spec.tracking.uri).get_run(extended.parent_run_id)
+    assert parent.data.params["budget.trials"] == str(N_TRIALS)
+    assert parent.data.tags["best.trial"] == str(extended.best_number)
 
 
 def _free_port() -> int:
@@ -143,9 +278,7 @@ def _free_port() -> int:
 
 def _serve(cmd: list[str], url: str, cwd: Path):
     """Start a server subprocess and wait (up to 90 s) until `url` answers; yields the process."""
-    import subprocess
     import time
-    import urllib.request
 
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 90
@@ -159,43 +292,33 @@ def _serve(cmd: list[str], url: str, cwd: Path):
     raise AssertionError(f"{cmd} did not answer at {url}")
 
 
-def test_mlflow_ui_serves_children_nested_under_the_parent(finished_study) -> None:
-    import urllib.request
-
-    path, summary, _ = finished_study
-    port = _free_port()
-    proc = _serve([sys.executable, "-m", "dlsearch", "ui", str(path), "--port", str(port)], f"http://127.0.0.1:{port}/health",
-                  path.parent)
-    try:
-        spec = load_spec(path)
-        experiment_id = MlflowClient(tracking_uri=spec.tracking.uri).get_experiment_by_name(spec.name).experiment_id
-        body = json.dumps({"experiment_ids": [experiment_id], "max_results": 100}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/runs/search", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            runs = json.loads(response.read())["runs"]
-        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
-        children = [t for t in tags if t.get("mlflow.parentRunId") == summary.parent_run_id]
-        assert len(children) >= N_TRIALS  # the UI nests runs by this tag
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def _objective(trial) -> float:
+    """A trial's value; a pruned trial's best epoch before it was stopped (what MLflow shows of it)."""
+    return trial.value if trial.state == TrialState.COMPLETE else max(trial.intermediate_values.values())
 
 
-def test_optuna_dashboard_opens_the_study(finished_study) -> None:
-    import urllib.request
+def _shown_name(trial) -> str:
+    """The MLflow run name of a finished trial: its state and objective."""
+    if trial.state == TrialState.COMPLETE:
+        return f"trial-{trial.number} · complete · {trial.value:.4f}"
+    assert trial.state == TrialState.PRUNED, trial.state
+    return f"trial-{trial.number} · pruned @ epoch {len(trial.intermediate_values)} · {_objective(trial):.4f}"
 
-    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is in the test extras")
-    path, _, _ = finished_study
-    spec = load_spec(path)
-    port = _free_port()
-    dashboard = Path(sys.executable).parent / "optuna-dashboard"
-    proc = _serve([str(dashboard), spec.tracking.optuna_storage, "--host", "127.0.0.1",
-                   "--port", str(port)], f"http://127.0.0.1:{port}/api/studies", path.parent)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as response:
-            studies = json.loads(response.read())["study_summaries"]
-        assert spec.name in {s["study_name"] for s in studies}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+def _column(page, col_id: str) -> list[str]:
+    """The texts of a runs-table column, top to bottom (ag-grid renders rows out of order)."""
+    cells = page.locator(f'.ag-row .ag-cell[col-id="{col_id}"]')
+    rows = cells.evaluate_all(
+        # the run-name cell also holds its colour picker's label: the last line is the text shown
+        "cells => cells.map(c => [Number(c.closest('.ag-row').getAttribute('row-index')),"
+        " c.innerText.trim().split('\\n').pop()])")
+    return [text for _, text in sorted(rows)]
+
+
+def _save(page, filename: str, close: tuple[str, ...] = ()) -> None:
+    """The page as docs/<filename> (DLSEARCH_SCREENSHOTS names the folder), after closing `close` (buttons)."""
+    for label in close:
+        page.get_by_role("button", name=label).click()
+    page.wait_for_timeout(1000)  # the layout settles after a panel closes (no element to wait for)
+    folder = Path(__file__).resolve().parents[1] / os.environ["DLSEARCH_SCREENSHOTS"]
+    page.screenshot(path=str(folder / filename))

@@ -409,12 +409,14 @@ def ui(study: str | None, port: int, host: str, uri: str | None) -> None:
 
     Prints the UI's URL once it answers (a few seconds) and runs until Ctrl-C.
     """
-    tracking = load_spec(study).tracking if study else TrackingSpec()
+    spec = load_spec(study) if study else None
+    tracking = spec.tracking if spec else TrackingSpec()
     backend = tracking_uri(uri or tracking.uri)
     if backend.startswith(("http://", "https://")):
         click.echo(f"the study's tracking server serves its UI: open {backend} in a browser")
         return
-    sys.exit(serve_ui(backend, host, port, out=Console(highlight=False, soft_wrap=True), progress=err_console))
+    sys.exit(serve_ui(backend, host, port, out=Console(highlight=False, soft_wrap=True), progress=err_console,
+                      study=spec.name if spec else None))
 
 
 def _study_as_run(study: str, overrides: tuple[str, ...], version: int | None = None) -> tuple[StudySpec, Any]:

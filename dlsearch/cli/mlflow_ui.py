@@ -5,23 +5,29 @@ By default `mlflow server` starts 4 uvicorn workers and a job runner, each impor
 worker serves a person's browser (uvicorn answers requests concurrently), and the job runner
 only runs GenAI jobs (scorers, trace rollups) that a study never starts, so it is off unless
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION says otherwise.
+
+Given a study, the printed link opens its experiment on the runs table (MLflow 3 otherwise
+opens its GenAI overview) in the view of the trials that dlsearch saved (tracking/views.py).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from typing import IO
 
 from rich.console import Console
 
 from dlsearch.errors import RunError
+from dlsearch.tracking.views import TRAINING_UI, TRIALS_VIEW_ID, TRIALS_VIEW_TAG
 
 _READY_TIMEOUT_S = 180.0  # a loaded machine, a cold disk: well past what a start takes
 _POLL_S = 0.25
@@ -33,12 +39,13 @@ class UiFailed(RunError):
     """The MLflow server exited or never answered (exit 1)."""
 
 
-def serve_ui(backend: str, host: str, port: int, out: Console, progress: Console) -> int:
+def serve_ui(backend: str, host: str, port: int, out: Console, progress: Console, study: str | None = None) -> int:
     """Serve the MLflow UI on the tracking store `backend` until Ctrl-C, SIGTERM or SIGHUP.
 
     Shows progress on `progress` while the server starts, prints its URL on `out` once it
-    answers, then passes the server's output on to stderr. Returns the server's exit code;
-    raises UiFailed if it exits or does not answer within _READY_TIMEOUT_S.
+    answers (the page of experiment `study`, if given and there), then passes the server's
+    output on to stderr. Returns the server's exit code; raises UiFailed if it exits or does
+    not answer within _READY_TIMEOUT_S.
     """
     url = f"http://{_reachable(host)}:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
@@ -63,7 +70,9 @@ def serve_ui(backend: str, host: str, port: int, out: Console, progress: Console
                     raise UiFailed(f"the MLflow server {why} (its output is above)")
                 status.update(f"waiting for the MLflow UI to answer ({waited_s:.0f} s)")
                 time.sleep(_POLL_S)
-        out.print(f"MLflow UI: {url} (ready after {time.monotonic() - started:.1f} s); Ctrl-C stops it",
+        page = study_page(url, study) if study else None
+        what = f"; the trials of {study}" if page else ""
+        out.print(f"MLflow UI: {page or url} (ready after {time.monotonic() - started:.1f} s{what}); Ctrl-C stops it",
                   markup=False)
         log.pass_through()
         return server.wait()
@@ -73,6 +82,20 @@ def serve_ui(backend: str, host: str, port: int, out: Console, progress: Console
         _stop(server)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def study_page(url: str, study: str) -> str | None:
+    """The link to experiment `study` on the MLflow server at `url`: its runs table in the trials
+    view if dlsearch saved one; None if there is no such experiment (yet)."""
+    query = urllib.parse.urlencode({"experiment_name": study})
+    try:
+        with urllib.request.urlopen(f"{url}/ajax-api/2.0/mlflow/experiments/get-by-name?{query}", timeout=30) as r:
+            experiment = json.loads(r.read())["experiment"]
+    except OSError:  # 404: not in this store
+        return None
+    view = any(t["key"] == TRIALS_VIEW_TAG for t in experiment.get("tags", []))
+    return (f"{url}/#/experiments/{experiment['experiment_id']}/runs?{TRAINING_UI}"
+            + (f"&viewStateShareKey={TRIALS_VIEW_ID}" if view else ""))
 
 
 class _ServerLog:

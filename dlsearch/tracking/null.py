@@ -24,7 +24,8 @@ class NullTracker:
     def reconcile_children(self, outcomes: Mapping[int, tuple[str, str, str | None]]) -> int:
         return 0
 
-    def log_best(self, value: float, n_finished: int) -> None:
+    def log_best(self, value: float, n_finished: int, number: int | None = None,
+                 params: Mapping[str, Any] | None = None) -> None:
         pass
 
     def finish_study(self, artifacts_dir: Path | None, status: str = "FINISHED") -> None:

@@ -6,6 +6,14 @@ artifacts too, and MLflow takes its credentials from the environment
 (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN):
 nothing here reads or logs them. Per-epoch metrics are buffered and written with
 `log_batch` (one ~70 ms call instead of ~3.5 ms per value).
+
+What MLflow's UI shows (views.py): a child run is renamed at its end to say its state and
+objective (`trial-3 · pruned @ epoch 4 · 0.6120`) and gets summary metrics a table sorts on
+(`best_<objective>`, `epochs_run`, the test metrics, all at step 0: values, not curves). The
+parent run's params are the study as its version started (search space, objective, sampler,
+pruner, budget; params cannot change). What a resumed study can change is in tags and metrics:
+the best trial (`best.trial`, `best.<key>` per searched key) as tags, rewritten at each end of
+the study, and the `best_value` curve.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,6 +35,7 @@ from dlsearch.config.spec import StudySpec
 from dlsearch.config.stores import is_server, tracking_uri
 from dlsearch.config.trial_config import TrialConfig
 from dlsearch.protocol import TrialEnd
+from dlsearch.tracking.views import TRIALS_VIEW_TAG, study_params, summary_metric, trials_view
 
 # Trial state -> MLflow run status. PRUNED is a normal end (Optuna counts it finished too).
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
@@ -48,6 +58,11 @@ class MlflowTracker:
         self.artifact_uri = ""  # the parent run's
         self._buffer: dict[str, list[Metric]] = {}
         self._last_flush = time.monotonic()
+        # Per open child run: its name (trial-<n>), the epochs it logged, its best of each objective so far.
+        self._names: dict[str, str] = {}
+        self._epochs: dict[str, set[int]] = {}
+        self._best_seen: dict[str, dict[str, float]] = {}
+        self._best_trial: tuple[int, Mapping[str, Any]] | None = None  # the study's, for the parent's tags
 
     # ------------------------------------------------------------ study
 
@@ -80,16 +95,24 @@ class MlflowTracker:
                 self.client.restore_experiment(self.experiment_id)
             if experiment.tags.get(_KIND_TAG) != _KIND[_KIND_TAG]:  # a store written before dlsearch set it
                 self.client.set_experiment_tag(self.experiment_id, _KIND_TAG, _KIND[_KIND_TAG])
+        # The runs table's view of this version's trials (rewritten: it follows the version that runs).
+        self.client.set_experiment_tag(self.experiment_id, TRIALS_VIEW_TAG, trials_view(self.spec, self.version))
         found = self.find_parent()
         if found is not None:
             self.parent_run_id, self.artifact_uri = found.info.run_id, found.info.artifact_uri
             self.client.update_run(self.parent_run_id, status="RUNNING")
+            logged = found.data.params  # a version started before dlsearch logged these gets them now
+            missing = [Param(k, v) for k, v in study_params(self.spec).items() if k not in logged]
+            if missing:
+                self.client.log_batch(self.parent_run_id, params=missing[:100])
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=self.version,
                 tags={"dlsearch.role": "parent", "dlsearch.version": self.version, "dlsearch.study": self.spec.name},
             )
             self.parent_run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
+            params = [Param(k, _param_value(v)) for k, v in study_params(self.spec).items()]
+            self.client.log_batch(self.parent_run_id, params=params[:100])  # MLflow's limit per call
             if self.spec.source_text:
                 self.client.log_text(self.parent_run_id, self.spec.source_text, "study.yaml")
             self.client.log_dict(self.parent_run_id, self.spec.model_dump(mode="json"), "resolved_spec.yaml")
@@ -113,11 +136,20 @@ class MlflowTracker:
             self.end(run.info.run_id, state, fail_reason=reason, checkpoint_dir=folder)
         return len(stale)
 
-    def log_best(self, value: float, n_finished: int) -> None:
-        """The study's best value so far, one point per finished trial (buffered on the parent run)."""
+    def log_best(self, value: float, n_finished: int, number: int | None = None,
+                 params: Mapping[str, Any] | None = None) -> None:
+        """The study's best value so far, one point per finished trial (buffered on the parent run);
+        the best trial's `number` and `params` go to the parent's tags when the study ends."""
         self._buffer.setdefault(self.parent_run_id, []).append(Metric("best_value", value, _now_ms(), n_finished))
+        if number is not None:
+            self._best_trial = (number, dict(params or {}))
 
     def finish_study(self, artifacts_dir: Path | None, status: str = "FINISHED") -> None:
+        """Flush, log the study's artifacts, tag the best trial and its values, set the parent's status."""
+        if self._best_trial is not None:
+            number, params = self._best_trial
+            tags = [RunTag("best.trial", str(number))] + [RunTag(f"best.{k}", _param_value(v)) for k, v in params.items()]
+            self.client.log_batch(self.parent_run_id, tags=tags[:100])
         self.flush()
         if artifacts_dir is not None and artifacts_dir.exists():
             self.client.log_artifacts(self.parent_run_id, str(artifacts_dir))
@@ -139,6 +171,7 @@ class MlflowTracker:
             },
         )
         run_id = run.info.run_id
+        self._names[run_id] = run.info.run_name
         # A conditional key whose condition does not hold in this trial was never sampled: it is
         # not this trial's param (MLflow's filters and parallel coordinates would show a value).
         inactive = set(self.spec.search) - set(cfg.params)
@@ -151,9 +184,15 @@ class MlflowTracker:
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         """Buffer one epoch's metrics (step = epoch); written in batches."""
         ts = _now_ms()
-        self._buffer.setdefault(run_id, []).extend(
-            Metric(k, float(v), ts, epoch) for k, v in metrics.items() if isinstance(v, (int, float))
-        )
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._buffer.setdefault(run_id, []).extend(Metric(k, v, ts, epoch) for k, v in values.items())
+        self._epochs.setdefault(run_id, set()).add(epoch)
+        best = self._best_seen.setdefault(run_id, {})
+        for o in self.spec.objectives:
+            value = values.get(o.metric)
+            if value is not None and math.isfinite(value) and (
+                    o.metric not in best or (value > best[o.metric]) == (o.direction == "maximize")):
+                best[o.metric] = value
         if time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
             self.flush()
 
@@ -177,9 +216,8 @@ class MlflowTracker:
         `population` the trial numbers it trained with as one stacked model (tag `dlsearch.population`).
         """
         final = final or TrialEnd(state=state)
-        tests = {"test_loss": final.test_loss, "test_accuracy": final.test_accuracy}
-        metrics = self._buffer.pop(run_id, []) + [
-            Metric(k, float(v), _now_ms(), final.epochs_run) for k, v in tests.items() if v is not None]
+        summary = self._summary(run_id, state, final)
+        metrics = self._buffer.pop(run_id, []) + [Metric(k, v, _now_ms(), 0) for k, v in summary.items()]
         tags = [RunTag("dlsearch.state", state)]
         if fail_reason:
             where = f"\n\n{final.traceback}" if final.traceback else ""  # the user's code: where it failed
@@ -198,10 +236,28 @@ class MlflowTracker:
         for i in range(0, last, _BATCH):
             self.client.log_batch(run_id, metrics=metrics[i : min(i + _BATCH, last)])
         self.client.log_batch(run_id, metrics=metrics[last:], tags=tags)
+        name = self._names.pop(run_id, None) or self.client.get_run(run_id).info.run_name.split(" · ")[0]
+        values = [summary.get(summary_metric(o)) for o in self.spec.objectives]
+        self.client.update_run(run_id, name=_run_name(name, state, int(summary["epochs_run"]), values))
         if checkpoint_dir and Path(checkpoint_dir).is_dir():
             self.client.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
         if terminate:
             self.terminate(run_id, state)
+
+    def _summary(self, run_id: str, state: str, final: TrialEnd) -> dict[str, float]:
+        """A trial's summary metrics: its objective at its best epoch (a complete trial's value; a pruned
+        trial's best before it was stopped; none for a failed one), epochs run, test metrics."""
+        epochs = self._epochs.pop(run_id, set())
+        seen = self._best_seen.pop(run_id, {})
+        summary = {"epochs_run": float(final.epochs_run or len(epochs))}
+        if state in ("COMPLETE", "PRUNED"):
+            for o in self.spec.objectives:
+                value = final.best_metrics.get(o.metric, seen.get(o.metric))
+                if value is not None:
+                    summary[summary_metric(o)] = float(value)
+        tests = {"test_loss": final.test_loss, "test_accuracy": final.test_accuracy}
+        summary.update({k: float(v) for k, v in tests.items() if v is not None})
+        return summary
 
     def terminate(self, run_id: str, state: str) -> None:
         """Set a child run's status from its dlsearch state (after `end(..., terminate=False)`)."""
@@ -322,6 +378,14 @@ def _source_run(ref: str, uri: str) -> tuple[MlflowClient, str, str]:
                 else "copy the id from the MLflow UI")
         raise SourceError(f"no {'registered model' if match else 'run'} {ref} in {uri} ({hint})") from None
     return client, found.run_id, f"{ref} (run {found.run_id})"
+
+
+def _run_name(name: str, state: str, epochs: int, values: Sequence[float | None]) -> str:
+    """`trial-3 · pruned @ epoch 4 · 0.6120`: what the runs table shows of a trial without a column."""
+    what = {"COMPLETE": "complete", "PRUNED": f"pruned @ epoch {epochs}", "FAIL": "failed",
+            "INTERRUPTED": "interrupted"}.get(state, state.lower())
+    shown = [f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.4g}" for v in values if v is not None]
+    return " · ".join([name, what, *([" / ".join(shown)] if shown else [])])
 
 
 def _param_value(value: Any) -> str:

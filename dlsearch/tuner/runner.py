@@ -917,7 +917,7 @@ class _Driver:
         self._count_failure(state, reason)
         best = _best_trial(self.study)
         if best is not None and len(self.spec.objectives) == 1:
-            self.tracker.log_best(best.value, len(_finished(self.study)))
+            self.tracker.log_best(best.value, len(_finished(self.study)), best.number, best.params)
         self.emit("trial_end", {"number": record.number, "state": name, "reason": reason,
                                 "value": values[0] if values else None, "epochs": record.n_epochs,
                                 "best": best.value if best is not None and len(self.spec.objectives) == 1 else None})
