@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -13,8 +14,10 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from rich.console import Console
 
 from dlsearch.cli.commands import main
+from dlsearch.cli.progress import StudyProgress
 from dlsearch.tuner.runner import run_study
 from dlsearch.config.spec import load_spec
 from tests.test_run import write_study
@@ -99,15 +102,37 @@ def _kill_a_worker_at_epoch(epoch_to_kill: int) -> tuple[list, callable]:
     return killed, on_event
 
 
-def test_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
+def _shown_by_progress(on_event: callable) -> tuple[io.StringIO, callable]:
+    """What `dlsearch run`'s progress prints (as in a log file), beside `on_event`."""
+    shown = io.StringIO()
+    progress = StudyProgress(Console(file=shown, width=400), "val_accuracy")
+
+    def both(kind: str, info: dict) -> None:
+        on_event(kind, info)
+        progress(kind, info)
+
+    return shown, both
+
+
+def test_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     study = write_study(
         tmp_path, budget={"trials": 1}, pruner={"type": "none"},
         train={"epochs": 8, "batch_size": 64, "checkpoint_every": 1, "early_stopping": {"patience": 8}},
         resources={"cpus_per_trial": 1, "max_concurrent": 1, "max_failures": 2},
     )
     killed, on_event = _kill_a_worker_at_epoch(3)
+    shown, on_event = _shown_by_progress(on_event)
     summary = run_study(load_spec(study), on_event=on_event)
     assert killed, "a worker process was killed"
+    # One line says it (the trial, what happened, which retry, from where); Ray's raylet notice and
+    # ActorDiedError traceback stay in Ray's logs, off this process's console.
+    said = re.search(r"trial 0: its worker process died at epoch (\d+); retry 1 of 2 from the checkpoint of "
+                     r"epoch (\d+)", shown.getvalue())
+    # The checkpoint Tune restores is its latest saved one: that of the epoch reported, or one before
+    # when the worker died before Tune had taken the last (the driver logs the repeated epochs once).
+    assert said and 1 <= int(said.group(2)) <= int(said.group(1)), shown.getvalue()
+    console = "".join(capfd.readouterr())
+    assert "Traceback" not in console and "ActorDiedError" not in console and "worker died" not in console, console
     assert summary.n_complete == 1
     (trial,) = trials_of(study)
     # resumed from the checkpoint of epoch 3: every epoch reported once, none lost
@@ -119,7 +144,7 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
     assert sorted({m.step for m in history}) == list(range(1, 9))
 
 
-def test_killed_worker_without_retries_fails_the_trial(tmp_path: Path) -> None:
+def test_killed_worker_without_retries_fails_the_trial(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     study = write_study(
         tmp_path, budget={"trials": 1}, pruner={"type": "none"},
         train={"epochs": 8, "batch_size": 64, "early_stopping": {"patience": 8}},
@@ -129,6 +154,8 @@ def test_killed_worker_without_retries_fails_the_trial(tmp_path: Path) -> None:
     summary = run_study(load_spec(study), on_event=on_event)
     assert killed
     assert summary.n_failed == 1 and summary.n_complete == 0
+    console = "".join(capfd.readouterr())  # the trial's FAIL and its reason are the driver's to say
+    assert "Traceback" not in console and "ActorDiedError" not in console and "did not complete" not in console
     (trial,) = trials_of(study)
     assert trial.state == TrialState.FAIL
     assert "worker failed" in trial.user_attrs["fail_reason"]

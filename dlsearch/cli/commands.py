@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
+import time
 from typing import Any, Callable
 
 import click
@@ -192,8 +194,9 @@ def sanity(study: str, overrides: tuple[str, ...], samples: int, steps: int) -> 
         sys.exit(EXIT_FAILED)
 
 
-def describe(spec: Any) -> str:
-    """A one-paragraph summary of a resolved study (what `validate` prints)."""
+def describe(spec: Any, trials: int | None = None) -> str:
+    """A one-paragraph summary of a resolved study (what `validate` prints); `trials` is the budget
+    `run --trials` gives instead of the file's."""
     n_cond = sum(1 for d in spec.search.values() if d.when)
     m = spec.model
     model = f"{m.kind} depth {m.depth} width {m.width}" if m.kind != "custom" else f"custom {m.factory or ''}".strip()
@@ -205,7 +208,7 @@ def describe(spec: Any) -> str:
         f"{spec.name}: dataset {spec.data.dataset}, model {model}, "
         f"{len(spec.search)} search dimensions ({n_cond} conditional), "
         f"sampler {spec.sampler.type}, pruner {spec.pruner.type}, "
-        f"{spec.budget.trials} trials x <= {spec.train.epochs} epochs, objective {objectives}{pins}"
+        f"{trials or spec.budget.trials} trials x <= {spec.train.epochs} epochs, objective {objectives}{pins}"
     )
 
 
@@ -246,21 +249,27 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
     resources.stop_after_identical_failures trials in a row failed with the same
     reason, 2 for bad input, 130 when stopped by Ctrl-C or SIGTERM after saving state.
     """
-    from dlsearch.tuner.runner import Interrupted, run_study  # Ray, torch, MLflow: seconds, only `run` needs them
-
+    started = time.monotonic()
     spec = load_spec(study, overrides)
     problems = check_data_available(spec.data)
     if problems:
         raise SpecError(problems)
     console = Console(highlight=False, soft_wrap=True)
-    console.print(f"study {describe(spec)}", markup=False)
-    progress = StudyProgress(console, spec.objectives[0].metric,
-                             on_summary=functools.partial(_print_summary, console, spec))
+    # The header first: what follows imports Ray and MLflow (seconds on a small machine).
+    console.print(f"study {describe(spec, trials)}", markup=False)
+    progress = StudyProgress(console, spec.objectives[0].metric, started=started)
+    progress.on_summary = functools.partial(_print_summary, console, spec, progress)
+    progress("phase", {"line": "importing Ray Tune and MLflow"})
+    from dlsearch.tuner.runner import Interrupted, run_study  # Ray, MLflow: seconds, only `run` needs them
+
     try:
         summary = run_study(spec, trials=trials, address=address, fresh=fresh, on_event=progress)
     except Interrupted as err:
-        err_console.print(f"{err}; rerun the same command to continue", markup=False)
+        progress.close()
+        err_console.print(f"{err}; {_to_continue(study, overrides, trials, address, fresh)}", markup=False)
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        progress.close()  # a second Ctrl-C may come while the table is live: its border ends its line
     if summary.best_number is None:
         reasons = "; ".join(f"{r} (x{c})" for r, c in summary.fail_reasons.items())
         raise RunFailed(f"every trial failed: {reasons}")
@@ -268,14 +277,30 @@ def run(study: str, overrides: tuple[str, ...], trials: int | None, address: str
     console.print(f"leaderboard:         dlsearch report {study}", markup=False)
 
 
-def _print_summary(console: Console, spec: StudySpec, summary: Any) -> None:
-    """The study's result, printed as soon as its trials are done (the plots and registry come after)."""
+def _to_continue(study: str, overrides: tuple[str, ...], trials: int | None, address: str | None,
+                 fresh: bool) -> str:
+    """The command that continues a stopped run: the same one, but never with --fresh (that would
+    start yet another version instead of continuing the one just stopped)."""
+    command = ["dlsearch", "run", study, *(x for o in overrides for x in ("--set", o))]
+    command += ["--trials", str(trials)] if trials else []
+    command += ["--address", address] if address else []
+    if fresh:
+        return f"to continue this version, run it without --fresh: {shlex.join(command)}"
+    return f"rerun the same command to continue: {shlex.join(command)}"
+
+
+def _print_summary(console: Console, spec: StudySpec, progress: StudyProgress, summary: Any) -> None:
+    """The study's result, printed as soon as its trials are done (the plots and registry come after).
+    Its counts are the study's, as the progress showed them; time and epochs are this run's."""
     n = summary.n_complete + summary.n_pruned + summary.n_failed
-    console.print(
-        f"\n{summary.name}: {n} trials finished ({summary.n_complete} complete, {summary.n_pruned} pruned, "
-        f"{summary.n_failed} failed) in {summary.elapsed_s:.0f} s, {summary.epochs_run} epochs trained",
-        markup=False,
-    )
+    line = (f"\n{summary.name}: {n} trials finished ({summary.n_complete} complete, {summary.n_pruned} pruned, "
+            f"{summary.n_failed} failed)")
+    this_run = f"in {progress.elapsed_s():.0f} s, {summary.epochs_run} epochs trained"
+    if progress.finished_before:  # a resumed study: its totals, then what this run added to them
+        line += f"; {n - progress.finished_before} of them in this run, {this_run}"
+    else:
+        line += f" {this_run}"
+    console.print(line, markup=False)
     if summary.best_number is None:
         return
     test = f", test_accuracy {summary.best_test_accuracy:.4f}" if summary.best_test_accuracy is not None else ""

@@ -111,14 +111,21 @@ def run_study(
 ) -> StudySummary:
     """Run (or continue) the study until `trials` (default `budget.trials`) trials have finished.
 
-    `on_event(kind, info)` receives progress: "start", "trial_start", "epoch",
-    "trial_end", "end". Raises `Interrupted` after saving state on SIGINT/SIGTERM.
+    `on_event(kind, info)` receives progress, "start" first and "end" last: "phase" (a line naming
+    what the run does now: checking, starting Ray, writing plots, ...), "opened" (the study's
+    version and how far it is), "trial_start", "epoch", "trial_retry" (a trial's worker died and
+    Tune runs it again), "trial_requeued", "trial_end", "summary" (the result, before the end's
+    slow writes). Raises `Interrupted` after saving state on SIGINT/SIGTERM.
     """
     started = time.monotonic()
     _quiet_libraries()
     address = address or spec.resources.address
     if search_problems(spec):  # a study with nothing to search runs with `dlsearch train`
         raise SpecError(search_problems(spec))
+    emit = on_event or (lambda kind, info: None)
+    emit("start", {"study": spec.name, "budget": trials or spec.budget.trials})
+    data = "" if spec.data.dataset == "custom" else f" and loading the data ({spec.data.dataset})"
+    emit("phase", {"line": f"checking the study's stores{data}"})
     check_stores(spec)  # before anything is created: a bad store leaves no trace
     check_ray_address(address)
     if spec.data.dataset != "custom":
@@ -128,7 +135,6 @@ def run_study(
     for ref in _init_sources(spec):  # a missing source fails here (SourceError, exit 2), not in every trial
         fetch_checkpoint(ref, spec.tracking.uri, str(spec.path.parent) if spec.path else None)
     spec, _ = with_source_architecture(spec)  # fine-tune the source's depth and width, as logged with it
-    emit = on_event or (lambda kind, info: None)
     if _joins_cluster(address):
         # The cluster's node checks may refuse the study (exit 2): before the lock makes any store.
         with _ray_for(spec, address, emit) as avoid, study_lock(spec):
@@ -190,10 +196,15 @@ def _run_opened(spec: StudySpec, opened: _Opened, started: float, avoid: list[st
     study, tracker, budget = opened.study, opened.tracker, opened.budget
     remaining = budget - len(_finished(study))
     driver = _Driver(spec, study, tracker, on_event, failures=_failure_streak(study))
-    driver.emit("start", {"version": study.study_name, "budget": budget, "remaining": max(0, remaining),
-                          "resumed": opened.resumed, "fresh": opened.fresh,
-                          "rerun": len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))),
-                          "reopened": opened.n_reopened, "finished": len(_finished(study))})
+    finished = _finished(study)
+    best = _best_trial(study)
+    # The study's totals so far: progress counts on from them, so a resumed run shows the study's.
+    driver.emit("opened", {"version": study.study_name, "budget": budget, "remaining": max(0, remaining),
+                           "resumed": opened.resumed, "fresh": opened.fresh, "rerun": _n_to_rerun(study),
+                           "reopened": opened.n_reopened, "finished": len(finished),
+                           **{state.name: sum(t.state == state for t in finished)
+                              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)},
+                           "best": best.value if best is not None else None})
     interrupted = False
     if remaining > 0:
         interrupted = _run_on_ray(spec, driver, remaining, avoid)
@@ -221,9 +232,19 @@ def _run_opened(spec: StudySpec, opened: _Opened, started: float, avoid: list[st
     driver.emit("end", {"summary": summary, "interrupted": interrupted})
     if interrupted:
         n = summary.n_complete + summary.n_pruned + summary.n_failed
-        raise Interrupted(f"stopped: {n} finished trials are saved; {driver.n_interrupted} interrupted "
-                          "trials will run again")
+        # What the resumed run will say it runs again: every trial queued in the study now.
+        raise Interrupted(f"stopped: {n} finished trials are saved; {n_will_run_again(_n_to_rerun(study))}")
     return summary
+
+
+def n_will_run_again(n: int) -> str:
+    """How a run says, when stopped and when resumed, how many interrupted trials run again."""
+    return f"{n} interrupted trial{'' if n == 1 else 's'} will run again"
+
+
+def _n_to_rerun(study: optuna.Study) -> int:
+    """Trials queued to run again (interrupted, or out of memory): the first a resumed run asks."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 # ---------------------------------------------------------------- Ray
@@ -247,9 +268,14 @@ def _ray_for(spec: StudySpec, address: str | None, emit: Callable[[str, Mapping[
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     import ray
 
+    from dlsearch.backend.console import quiet_trial_failures
+
+    quiet_trial_failures()  # a dead worker is one line of ours, not Ray's notice and traceback
     started = not ray.is_initialized()
     cluster = started and _joins_cluster(address)
     if started:
+        emit("phase", {"line": f"connecting to the Ray cluster at {address or os.environ['RAY_ADDRESS']}" if cluster
+                       else "starting Ray on this machine while opening the study's stores"})
         _init_ray(address, runtime_env(spec) if cluster else None)
         if not cluster:
             _warm_workers(ray.cluster_resources().get("CPU", 1), spec.resources.cpus_per_trial)
@@ -341,7 +367,12 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[s
         try:
             tuner.fit()
         except KeyboardInterrupt:
+            driver.emit("phase", {"line": "interrupted: saving the study's state (the running trials run again "
+                                          "on resume)"})
             driver.interrupt_running()
+            # A trial asked from Optuna whose record the interrupt beat (it stopped the ask halfway)
+            # is queued again now, so that the count said now is the one the resumed run says.
+            _close_interrupted(driver.study)
             return True
         driver.interrupt_running()  # a trial Tune dropped (e.g. timeout) is closed, not left RUNNING
         return False
@@ -480,8 +511,26 @@ class _DriverCallback(_DriverBound, _Callback):
             cache = Path(self.driver.spec.tracking.artifacts).resolve().parent / "checkpoints" / trial.trial_id
             self.driver.on_checkpoint(trial.trial_id, _local_folder(checkpoint, cache))
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Tune runs a failed trial again (`resources.max_failures`), from its last checkpoint."""
+        saved = getattr(trial, "latest_checkpoint_result", None)
+        from_epoch = saved.metrics.get("epoch") if saved is not None and saved.checkpoint is not None else None
+        self.driver.on_retry(trial.trial_id, _what_failed(trial), trial.num_failures, trial.max_failures, from_epoch)
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self.driver.emit("tick", {})
+
+
+def _what_failed(trial: Any) -> str:
+    """A Tune trial's last failure in a few words, from its error file (Ray keeps the traceback there)."""
+    error = trial.error_file and Path(trial.error_file)
+    text = error.read_text(errors="replace").rpartition("Failure # ")[2] if error and error.exists() else ""
+    if "running low on memory" in text:
+        return "Ray's memory monitor killed its worker (the node ran low on memory)"
+    if "actor died" in text.lower() or "worker process has died" in text:
+        return "its worker process died"
+    lines = text.strip().splitlines()[1:2]  # the first line after the "Failure # n (occurred at ...)" header
+    return f"its worker failed: {lines[0][:200]}" if lines else "its worker failed"
 
 
 class _DriverStopper(_DriverBound, _Stopper):
@@ -837,6 +886,17 @@ class _Driver:
             table.pop(tune_trial_id, None)
         if self.board is not None:
             self.board.forget.remote(tune_trial_id)
+
+    def on_retry(self, tune_trial_id: str, what: str, n_failures: int, max_failures: int,
+                 from_epoch: int | None) -> None:
+        """Tune runs a trial again after its worker failed (the `n_failures`-th time of at most
+        `max_failures`, -1: no limit), from the checkpoint of `from_epoch` (None: from the start)."""
+        record = self.records.get(tune_trial_id)
+        records = [record] if record is not None else list(self.populations.get(tune_trial_id, {}).values())
+        if records:
+            self.emit("trial_retry", {"numbers": [r.number for r in records], "what": what,
+                                      "last_epoch": max(r.last_epoch for r in records), "retry": n_failures,
+                                      "max_retries": max_failures, "from_epoch": from_epoch})
 
     def on_error(self, tune_trial_id: str, reason: str, checkpoint_dir: str | None = None) -> None:
         records = [*self.awaiting.pop(tune_trial_id, []), *self.populations.pop(tune_trial_id, {}).values()]
