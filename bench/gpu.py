@@ -14,7 +14,9 @@ temporary folder that is also its working directory. A case differs from the oth
 - 2 / 4 / 8 trials share the GPU: gpus_per_trial 0.5 / 0.25 / 0.125, max_concurrent 2 / 4 / 8
   (a trial may then allocate at most its share of the GPU's memory);
 - populations of K = 16 / 64 / 256: resources.population K, one population on the GPU at a time
-  (gpus_per_trial 1, max_concurrent 1): K trials trained as one stacked model.
+  (gpus_per_trial 1, max_concurrent 1): K trials trained as one stacked model, refilled with newly
+  asked trials as members end until the budget is asked (so K=16 trains its 256 trials in one
+  population, 16 at a time); the study file saves a population's state every 3 rounds.
 
 Every case has cpus_per_trial 1 (of 16 cores: 8 trials at once leave the driver and Ray room).
 `budget.trials` is sized per case so that it takes about 30-60 s on one H100 (estimates written

@@ -317,3 +317,17 @@ def test_configs_no_population_can_train_are_refused_naming_the_key() -> None:
         check_stackable([make_cfg("model.kind=cnn")])
     with pytest.raises(ValueError, match="at least one member"):
         train_population([], data_for(make_cfg()))
+
+
+def test_a_population_saved_with_no_member_training_restores_and_takes_newcomers() -> None:
+    cfg = make_cfg("train.epochs=1", "train.lr=0.01")
+    data = data_for(cfg)
+    population = Population([cfg], data)
+    round_ = population.run_round()
+    assert list(round_.ended) == [0] and not population.training
+    restored = Population.restore(copy.deepcopy(round_.state()), data)
+    assert not restored.training and restored.round == 1
+    assert restored.add([make_cfg("train.epochs=1", "train.lr=0.003", number=1)]) == [1]
+    restored.run_round()
+    [result] = restored.results()
+    assert (result.state, result.epochs_run) == ("COMPLETE", 1)

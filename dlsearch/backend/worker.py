@@ -104,8 +104,11 @@ def run_trial(config: Mapping[str, Any], spec: StudySpec, code_paths: Sequence[s
 
 
 def warm_up() -> None:
-    """Nothing: a Ray task that runs it has imported this module, so its worker process holds torch
-    and the training loop when Tune creates a trial's actor in it (see `tuner.runner._warm_workers`)."""
+    """A Ray task that runs it has imported this module, so its worker process holds torch and the
+    training loop when Tune creates a trial's actor in it (see `tuner.runner._warm_workers`). It also
+    makes one torch optimizer: the first one imports torch._dynamo (about 2 s on one core), which
+    every trial's first epoch would otherwise wait for."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
 def _run_population(assignment: Assignment, spec: StudySpec, place: Mapping[str, str]) -> None:
@@ -172,6 +175,7 @@ def _run_population(assignment: Assignment, spec: StudySpec, place: Mapping[str,
                     tune.report(to_result(report, place), checkpoint=tune.Checkpoint.from_directory(tmp_dir))
             else:
                 tune.report(to_result(report, place))
+            population.release(round_.ended)
             for i in round_.ended:
                 numbers.pop(i, None)
             apply(ray.get(board.wait.remote(key, round_.index)))

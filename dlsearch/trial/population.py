@@ -231,6 +231,13 @@ class Population:
                 self.members[i].state = "PRUNED"
         self._drop_ended()
 
+    def release(self, members: Iterable[int]) -> None:
+        """Forget members that ended (their best weights and curve), once the caller holds their results:
+        a population refilled many times then keeps only the members it trains."""
+        for i in members:
+            if i in self.members and self.members[i].state is not None:
+                del self.members[i]
+
     def run_round(self, report: PopulationReport | None = None) -> Round:
         """One epoch of every member still training, each at its own epoch and schedule position."""
         self.round += 1
@@ -277,6 +284,7 @@ class Population:
         cpu = functools.partial(_to_device, device=torch.device("cpu"))
         return {
             "round": self.round,
+            "first": self.first,  # the shapes, when no member is training (a round's answer may add some)
             "rows": list(self.rows),
             "members": {i: self.members[i] for i in self.rows},
             "next_index": self.next_index,
@@ -293,7 +301,7 @@ class Population:
         """The population `state_dict` saved, ready for its next round (`state["round"] + 1`)."""
         members: dict[int, _Member] = dict(state["members"])
         rows = list(state["rows"])
-        population = cls([members[i].cfg for i in rows], data, shuffle_seed=shuffle_seed)
+        population = cls([members[i].cfg for i in rows] or [state["first"]], data, shuffle_seed=shuffle_seed)
         device = population.device
         population.members = members
         population.rows = rows
