@@ -675,7 +675,8 @@ class _Driver:
 
         An epoch (of a single trial, or of each member of a population) goes to `_on_epoch`;
         a trial's last report is kept for `on_complete`. A population is never stopped by Tune:
-        the members to stop are posted to the board, which its worker waits for each epoch.
+        each round is answered on the board (`_on_round`: the members to stop, the newcomers),
+        which its worker waits for before its next round.
         """
         report = from_result(result)
         node = {k: str(result[k]) for k in PLACE_KEYS if result.get(k)}
