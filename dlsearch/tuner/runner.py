@@ -734,7 +734,7 @@ class _Driver:
                 self.awaiting.setdefault(tune_trial_id, []).append(record)
             else:
                 self._close_ended(record, record.pruned_at is not None, None)
-        if report.checkpointed:
+        if self.awaiting.get(tune_trial_id):  # newcomers are asked once the completed members are told
             self.unanswered[tune_trial_id] = (report.round, stop)
         else:
             self._answer(tune_trial_id, report.round, stop)
