@@ -106,7 +106,9 @@ class PopulationEpoch:
     members: dict[int, dict[str, float]]
     epochs: dict[int, int] = field(default_factory=dict)  # each member's own epoch
     ended: dict[int, "TrialEnd"] = field(default_factory=dict)
-    checkpointed: bool = False  # a checkpoint goes with this report: the driver answers once it has it
+    # A checkpoint goes with this report; when a member completed in the round, the driver closes it
+    # and answers once it has that checkpoint (the member's weights are in it).
+    checkpointed: bool = False
 
     @property
     def epoch(self) -> int:
