@@ -266,6 +266,10 @@ def _ray_for(spec: StudySpec, address: str | None, emit: Callable[[str, Mapping[
     # Trials keep the driver's working directory (Tune would move each into a folder of its own), so
     # relative paths and user modules resolve in a trial as they do in `dlsearch validate`.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # No TensorBoard files (MLflow has the curves): Tune's TensorboardX writer joins a queue thread at
+    # exit, which a second Ctrl-C landing inside its put leaves locked, and the CLI then never exits.
+    # Its JSON and CSV results stay (`_run_on_ray` asks for them).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import ray
 
     from dlsearch.backend.console import quiet_trial_failures
@@ -325,6 +329,7 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[s
     `avoid`; returns True if interrupted by a signal."""
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from dlsearch.backend.scheduler import DriverScheduler
     from dlsearch.backend.board import PruneBoard
@@ -358,7 +363,7 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[s
                 name=f"{spec.slug}-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=tune_storage_path(spec),
                 verbose=0,
-                callbacks=[_DriverCallback(driver)],
+                callbacks=[_DriverCallback(driver), JsonLoggerCallback(), CSVLoggerCallback()],
                 stop=_DriverStopper(driver),
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
