@@ -444,6 +444,81 @@ def ui(study: str | None, port: int, host: str, uri: str | None) -> None:
                       study=spec.name if spec else None))
 
 
+@main.command()
+@click.argument("study", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Trials that run at once on the simulated clock (the GPUs or nodes you would use).")
+@click.option("--trials", type=click.IntRange(min=1), help="Trials to ask (default: budget.trials).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_debug_option
+@_handles_errors
+def simulate(study: str, overrides: tuple[str, ...], workers: int, trials: int | None, as_json: bool) -> None:
+    """Try the study's sampler and pruner on recorded curves, on a simulated clock: nothing is written.
+
+    The driver of `dlsearch run` asks, prunes and tells as in a real run, with WORKERS trials at
+    once; each trial's `trainable` runs here to its end, and the epochs it reports replay in
+    simulated time (each its reported epoch_time_s). Meant for trainables that replay recorded
+    curves (e.g. `bench.lcbench_surrogate:replay`, LCBench's): compare `--set pruner.type=...`
+    before spending GPUs on a study.
+    """
+    from dlsearch.tuner.simulate import simulate_study, trainable_curves
+
+    spec = load_spec(study, overrides)
+    if spec.trainable is None:
+        raise SpecError([f"{study}: trainable: simulate replays the curves a trainable reports; this study "
+                         "trains the built-in model (run it with dlsearch run)"])
+    started = time.perf_counter()
+    sim = simulate_study(spec, trainable_curves(spec), workers, trials=trials or spec.budget.trials)
+    states = [t.state.name for t in sim.study.get_trials(deepcopy=False)]
+    objective = spec.objectives[0]
+    best = _best_of(sim.study, objective.direction)
+    anytime = {}
+    for share in (0.25, 0.5, 1.0):
+        seen = [e.value for e in sim.epochs[: max(1, round(share * sim.epochs_run))] if e.value is not None]
+        anytime[f"{int(share * 100)}%"] = (max if objective.direction == "maximize" else min)(seen) if seen else None
+    result = {
+        "study": spec.name, "workers": workers, "trials": len(states),
+        "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
+        "epochs_run": sim.epochs_run, "simulated_s": sim.time_s, "wall_s": time.perf_counter() - started,
+        "best_trial": best.number if best else None, "best_value": best.value if best else None,
+        "best_params": dict(best.params) if best else {},
+        "best_seen_at_share_of_epochs": anytime,
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{spec.name}: {len(states)} trials on {workers} simulated worker{'s' if workers > 1 else ''} ("
+               f"{result['complete']} complete, "
+               f"{result['pruned']} pruned, {result['failed']} failed), {sim.epochs_run} epochs in "
+               f"{_clock(sim.time_s)} of simulated time ({result['wall_s']:.1f} s here); sampler "
+               f"{spec.sampler.type}, pruner {spec.pruner.type}")
+    if best is not None:
+        values = ", ".join(f"{k}={_short(v)}" for k, v in best.params.items())
+        click.echo(f"best: trial {best.number}, {objective.metric} {best.value:.4f} ({values})")
+    click.echo(f"best {objective.metric} seen after 25% / 50% / 100% of the epochs: "
+               + " / ".join("-" if v is None else f"{v:.4f}" for v in anytime.values()))
+    click.echo("nothing was written; to run it: dlsearch run " + shlex.join([study, *_set_args(overrides)]))
+
+
+def _best_of(study: Any, direction: str) -> Any:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.value is not None]
+    return (max if direction == "maximize" else min)(complete, key=lambda t: t.value, default=None)
+
+
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _set_args(overrides: tuple[str, ...]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def _study_as_run(study: str, overrides: tuple[str, ...], version: int | None = None) -> tuple[StudySpec, Any]:
     """The spec with the `--set` overrides the study was run with (then these), and its Optuna study
     (version `version`, default the newest)."""

@@ -338,6 +338,8 @@ def _run_on_ray(spec: StudySpec, driver: "_Driver", n_trials: int, avoid: list[s
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cpus, gpus_per_trial, concurrency = _resources(spec, usable_resources(avoid))
+        if (spec.sampler.model_extra or {}).get("n_startup_trials") == "auto":  # known only now
+            driver.study.sampler = make_sampler(spec, min(concurrency, n_trials) * spec.resources.population)
         board_name = ""
         if spec.resources.population > 1:
             board_name = f"dlsearch-prune-board-{os.getpid()}-{time.time_ns()}"
