@@ -84,6 +84,7 @@ def run(args: argparse.Namespace, folder: Path, started: float) -> int:
     from ray.tune.search.optuna import OptunaSearch
 
     from dlsearch.config.spec import load_spec
+    from dlsearch.search.build import resolve_startup
 
     spec = load_spec(args.study, args.overrides)
     objective = spec.objectives[0]
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace, folder: Path, started: float) -> int:
             tune_config=tune.TuneConfig(
                 search_alg=OptunaSearch(
                     space=Space(spec), metric=objective.metric, mode=mode,
-                    sampler=optuna.samplers.TPESampler(seed=spec.seed, **(spec.sampler.model_extra or {})),
+                    sampler=optuna.samplers.TPESampler(
+                        seed=spec.seed, **resolve_startup(dict(spec.sampler.model_extra or {}), args.max_concurrent)),
                 ),
                 scheduler=ASHAScheduler(metric=objective.metric, mode=mode, time_attr="epoch",
                                         max_t=spec.train.epochs, grace_period=1, reduction_factor=3),

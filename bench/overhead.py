@@ -277,7 +277,10 @@ def _peer(s: Setup, folder: Path, reuse_actors: bool = False) -> dict[str, Any]:
     import optuna
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
+
+    from dlsearch.search.build import resolve_startup
 
     from dlsearch.config.spec import load_spec
 
@@ -290,7 +293,8 @@ def _peer(s: Setup, folder: Path, reuse_actors: bool = False) -> dict[str, Any]:
         tune_config=tune.TuneConfig(
             search_alg=OptunaSearch(
                 space=_PeerSpace(spec), metric=objective.metric, mode=objective.direction[:3],
-                sampler=optuna.samplers.TPESampler(seed=spec.seed, **(spec.sampler.model_extra or {})),
+                sampler=optuna.samplers.TPESampler(
+                    seed=spec.seed, **resolve_startup(dict(spec.sampler.model_extra or {}), s.concurrency)),
             ),
             num_samples=s.n_trials,
             max_concurrent_trials=s.concurrency,
@@ -298,8 +302,11 @@ def _peer(s: Setup, folder: Path, reuse_actors: bool = False) -> dict[str, Any]:
         ),
         run_config=tune.RunConfig(
             name="peer", storage_path=str(folder / "ray"), verbose=0,
+            # Tune's own result files, asked for: the dlsearch side of this process turned its
+            # automatic loggers off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS), and the curves are read from them.
             callbacks=[MLflowLoggerCallback(tracking_uri=f"sqlite:///{folder}/mlflow.db",
-                                            experiment_name=spec.name, save_artifact=False), marks],
+                                            experiment_name=spec.name, save_artifact=False), marks,
+                       JsonLoggerCallback(), CSVLoggerCallback()],
         ),
     )
     grid = tuner.fit()
