@@ -33,6 +33,7 @@ from dlsearch.report.leaderboard import (
     study_report,
     version_of,
 )
+from dlsearch.report.plots import ROUGH_IMPORTANCES_BELOW
 from dlsearch.trial.data_files import check_data_available
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -340,7 +341,10 @@ def report(study: str, overrides: tuple[str, ...], top: int | None, fmt: str, as
         click.echo(f"{found.study_name}: {len(optuna_study.trials)} trials")
         click.echo(table.text())
     if found.importances:
-        click.echo(f"\nparameter importances ({IMPORTANCE_EVALUATOR}):")
+        n_complete = sum(t.state.name == "COMPLETE" for t in optuna_study.trials)
+        rough = (f"; with fewer than {ROUGH_IMPORTANCES_BELOW}, read them as rough"
+                 if n_complete < ROUGH_IMPORTANCES_BELOW else "")
+        click.echo(f"\nparameter importances ({IMPORTANCE_EVALUATOR}, from {n_complete} complete trials{rough}):")
         for key, value in found.importances.items():
             click.echo(f"  {key:<28} {value:6.3f} {'#' * int(round(value * 40))}")
     if found.plots:
