@@ -18,7 +18,7 @@ from rich.console import Console
 
 from dlsearch import __version__
 from dlsearch.cli.mlflow_ui import serve_ui
-from dlsearch.cli.progress import EpochTable, StudyProgress, sparkline
+from dlsearch.cli.progress import EpochTable, StudyProgress, clock, short_value, sparkline
 from dlsearch.config.spec import SpecError, StudySpec, TrackingSpec, load_spec, search_problems
 from dlsearch.config.stores import tracking_uri
 from dlsearch.config.trial_config import one_run_params, trial_config
@@ -476,7 +476,8 @@ def simulate(study: str, overrides: tuple[str, ...], workers: int, trials: int |
     sim = simulate_study(spec, trainable_curves(spec), workers, trials=trials or spec.budget.trials)
     states = [t.state.name for t in sim.study.get_trials(deepcopy=False)]
     objective = spec.objectives[0]
-    best = _best_of(sim.study, objective.direction)
+    complete = [t for t in sim.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    best = (max if objective.direction == "maximize" else min)(complete, key=lambda t: t.values[0], default=None)
     anytime = {}
     for share in (0.25, 0.5, 1.0):
         seen = [e.value for e in sim.epochs[: max(1, round(share * sim.epochs_run))] if e.value is not None]
@@ -485,7 +486,7 @@ def simulate(study: str, overrides: tuple[str, ...], workers: int, trials: int |
         "study": spec.name, "workers": workers, "trials": len(states),
         "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
         "epochs_run": sim.epochs_run, "simulated_s": sim.time_s, "wall_s": time.perf_counter() - started,
-        "best_trial": best.number if best else None, "best_value": best.value if best else None,
+        "best_trial": best.number if best else None, "best_value": best.values[0] if best else None,
         "best_params": dict(best.params) if best else {},
         "best_seen_at_share_of_epochs": anytime,
     }
@@ -495,28 +496,14 @@ def simulate(study: str, overrides: tuple[str, ...], workers: int, trials: int |
     click.echo(f"{spec.name}: {len(states)} trials on {workers} simulated worker{'s' if workers > 1 else ''} ("
                f"{result['complete']} complete, "
                f"{result['pruned']} pruned, {result['failed']} failed), {sim.epochs_run} epochs in "
-               f"{_clock(sim.time_s)} of simulated time ({result['wall_s']:.1f} s here); sampler "
+               f"{clock(sim.time_s)} of simulated time ({result['wall_s']:.1f} s here); sampler "
                f"{spec.sampler.type}, pruner {spec.pruner.type}")
     if best is not None:
-        values = ", ".join(f"{k}={_short(v)}" for k, v in best.params.items())
-        click.echo(f"best: trial {best.number}, {objective.metric} {best.value:.4f} ({values})")
+        values = ", ".join(f"{k}={short_value(v)}" for k, v in best.params.items())
+        click.echo(f"best: trial {best.number}, {objective.metric} {best.values[0]:.4f} ({values})")
     click.echo(f"best {objective.metric} seen after 25% / 50% / 100% of the epochs: "
                + " / ".join("-" if v is None else f"{v:.4f}" for v in anytime.values()))
     click.echo("nothing was written; to run it: dlsearch run " + shlex.join([study, *_set_args(overrides)]))
-
-
-def _best_of(study: Any, direction: str) -> Any:
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.value is not None]
-    return (max if direction == "maximize" else min)(complete, key=lambda t: t.value, default=None)
-
-
-def _clock(seconds: float) -> str:
-    minutes, s = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _set_args(overrides: tuple[str, ...]) -> list[str]:

@@ -193,7 +193,7 @@ class StudyProgress:
         return (f"{finished}/{self.budget} finished{before} | running {len(self.running)} | "
                 f"complete {self.counts['COMPLETE']} | pruned {self.counts['PRUNED']} | "
                 f"failed {self.counts['FAIL']} | best {self.objective} {best} | "
-                f"elapsed {_clock(self.elapsed_s())} | ETA {'-' if eta is None else _clock(eta)}")
+                f"elapsed {clock(self.elapsed_s())} | ETA {'-' if eta is None else clock(eta)}")
 
     def _eta_s(self) -> float | None:
         """Seconds until the budget is done, from this run's measured pace: epochs per second since
@@ -225,7 +225,7 @@ class StudyProgress:
         for column in ("trial", "epoch", self.objective, "params"):
             table.add_column(column, justify="right" if column != "params" else "left")
         for number, row in sorted(self.running.items()):
-            params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in row["params"].items())
+            params = ", ".join(f"{k.split('.')[-1]}={short_value(v)}" for k, v in row["params"].items())
             value = "" if row["value"] is None else f"{row['value']:.4f}"
             # Until its first epoch is in, a trial's worker is loading the data (and on its first trial, torch).
             epoch = "starting" if row["epoch"] is None else str(row["epoch"])
@@ -254,10 +254,10 @@ class _Redraw:
         return self._render()
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _short(value: object) -> str:
+def short_value(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
